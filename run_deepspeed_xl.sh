@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Check the environment, then launch train_deepspeed.py with DeepSpeed.
+#
+#   ./run_deepspeed_xl.sh                                   # the headline run: gpt2-xl on Shakespeare, every visible GPU
+#   CUDA_VISIBLE_DEVICES=0,1 ./run_deepspeed_xl.sh          # only GPUs 0 and 1
+#   ./run_deepspeed_xl.sh config/my_run.py --max_iters=100  # a config file and overrides, passed through
+#   ./run_deepspeed_xl.sh --hostfile hosts.txt              # several nodes (DeepSpeed hostfile format)
+#   ./run_deepspeed_xl.sh --cpu-demo [--max_iters=500]      # no GPU: the small CPU demo on 2 CPU ranks
+#
+# Options of this script: --cpu-demo, --hostfile FILE, --num_gpus N, --master_port PORT; everything else goes to
+# train_deepspeed.py. Each failed check prints one line and exits non-zero before anything is launched.
+set -euo pipefail
+cd "$(dirname "$0")"
+fail() { echo "error: $*" >&2; exit 1; }
+
+cpu_demo=0; hostfile=""; num_gpus=""; master_port=29500; train_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu-demo) cpu_demo=1 ;;
+    --hostfile) [ $# -ge 2 ] || fail "--hostfile needs a file"; hostfile="$2"; shift ;;
+    --hostfile=*) hostfile="${1#*=}" ;;
+    --num_gpus) [ $# -ge 2 ] || fail "--num_gpus needs a number"; num_gpus="$2"; shift ;;
+    --num_gpus=*) num_gpus="${1#*=}" ;;
+    --master_port) [ $# -ge 2 ] || fail "--master_port needs a number"; master_port="$2"; shift ;;
+    --master_port=*) master_port="${1#*=}" ;;
+    *) train_args+=("$1") ;;
+  esac
+  shift
+done
+
+# Python and DeepSpeed: the project's .venv (made by ./setup.sh) if there is one, else whatever is on PATH
+[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
+command -v python >/dev/null 2>&1 || fail "python not found: run ./setup.sh (makes .venv with everything needed)"
+python -c "import deepspeed" 2>/dev/null || fail "deepspeed is not importable by $(command -v python): run ./setup.sh, or pip install deepspeed"
+command -v deepspeed >/dev/null 2>&1 || fail "the deepspeed launcher is not on PATH: run ./setup.sh, or pip install deepspeed"
+
+# GPUs: DeepSpeed's launcher ignores CUDA_VISIBLE_DEVICES, so it becomes --include localhost:LIST
+physical_gpus=$(env -u CUDA_VISIBLE_DEVICES python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+launch=()
+if [ "$cpu_demo" = 1 ]; then
+  [ -f data/shakespeare_char/train.bin ] || python data/shakespeare_char/prepare.py
+  train_args=(config/train_shakespeare_char_cpu.py "${train_args[@]}")
+  export DS_ACCELERATOR=cpu
+  launch=(--num_gpus "${num_gpus:-2}")
+  gpus_desc="${num_gpus:-2} CPU ranks (gloo)"
+elif [ -n "$hostfile" ]; then
+  [ -f "$hostfile" ] || fail "hostfile $hostfile not found"
+  launch=(--hostfile "$hostfile")
+  gpus_desc="the hosts in $hostfile"
+else
+  if [ "$physical_gpus" = 0 ]; then
+    echo "No GPU visible on this machine: the GPT-2 XL run needs GPUs."
+    echo "The same trainer runs for real on CPU: ./run_deepspeed_xl.sh --cpu-demo (a small GPT on 2 CPU ranks, a few minutes)."
+    if [ -t 0 ] && [ -t 1 ]; then
+      read -r -p "Run the CPU demo now? [y/N] " answer
+      [[ "$answer" =~ ^[Yy] ]] && exec "$0" --cpu-demo "${train_args[@]}"
+    fi
+    exit 1
+  fi
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    IFS=',' read -r -a wanted <<< "$CUDA_VISIBLE_DEVICES"
+    for g in "${wanted[@]}"; do
+      [[ "$g" =~ ^[0-9]+$ ]] || fail "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: use GPU indices (0,1,...), this script cannot map '$g'"
+      [ "$g" -lt "$physical_gpus" ] || fail "CUDA_VISIBLE_DEVICES names GPU $g but this machine has $physical_gpus (0..$((physical_gpus - 1)))"
+    done
+    [ -z "$num_gpus" ] || [ "$num_gpus" -le "${#wanted[@]}" ] || fail "--num_gpus $num_gpus but CUDA_VISIBLE_DEVICES lists ${#wanted[@]}"
+    selected=$(IFS=','; echo "${wanted[*]:0:${num_gpus:-${#wanted[@]}}}")
+    launch=(--include "localhost:$selected")
+    gpus_desc="GPUs $selected"
+  else
+    [ -z "$num_gpus" ] || [ "$num_gpus" -le "$physical_gpus" ] || fail "--num_gpus $num_gpus but this machine has $physical_gpus GPU(s)"
+    launch=(--num_gpus "${num_gpus:-$physical_gpus}")
+    gpus_desc="${num_gpus:-$physical_gpus} GPU(s)"
+  fi
+fi
+
+# what will run: the trainer's constants with the config file and overrides applied (bad keys fail here)
+settings=$(python configurator.py train_deepspeed.py "${train_args[@]}") || exit 2
+get() { python -c "import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$settings" "$1"; }
+dataset=$(get dataset); out_dir=$(get out_dir); ds_config=$(get deepspeed_config); init_from=$(get init_from)
+micro=$(get batch_size); accum=$(get gradient_accumulation_steps)
+
+python -c "import json, sys; json.load(open(sys.argv[1]))" "$ds_config" 2>/dev/null \
+  || fail "DeepSpeed config $ds_config is missing or not valid JSON (python -m json.tool $ds_config shows where)"
+case "$dataset" in */*) data_dir="$dataset" ;; *) data_dir="data/$dataset" ;; esac
+for split in train val; do
+  [ -f "$data_dir/$split.bin" ] || fail "$data_dir/$split.bin not found: run python $data_dir/prepare.py"
+done
+
+# disk: one checkpoint holds the weights and the fp32 Adam states, about 16 bytes per parameter
+need_gb=$(python - "$settings" <<'EOF'
+import json, os, sys
+from model import GPTConfig, PRETRAINED_SHAPES, num_params
+s = json.loads(sys.argv[1])
+shape = dict(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], vocab_size=50304)
+if s['init_from'] in PRETRAINED_SHAPES:
+    shape = dict(zip(('n_layer', 'n_head', 'n_embd'), PRETRAINED_SHAPES[s['init_from']]), vocab_size=50257)
+elif os.path.isfile(os.path.join(s['init_from'], 'config.json')):
+    c = json.load(open(os.path.join(s['init_from'], 'config.json')))
+    shape = {k: c[k] for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size')}
+print(f"{num_params(GPTConfig(block_size=s['block_size'], **shape)) * 16 / 1e9:.1f}")
+EOF
+)
+probe="$out_dir"; while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done
+free_gb=$(df -Pk "$probe" | awk 'NR==2 {printf "%.1f", $4 / 1e6}')
+python -c "import sys; sys.exit(float(sys.argv[1]) < float(sys.argv[2]))" "$free_gb" "$need_gb" \
+  || fail "$free_gb GB free under $probe, one checkpoint needs about $need_gb GB: free space or set --out_dir elsewhere"
+
+echo "model:       $init_from"
+echo "GPUs:        $gpus_desc"
+echo "batch:       train_batch_size = $micro (micro) x $accum (accumulation) x world size"
+echo "data:        $data_dir    DeepSpeed config: $ds_config    out_dir: $out_dir ($free_gb GB free, ~$need_gb GB per checkpoint)"
+echo "running:     deepspeed ${launch[*]} --master_port $master_port train_deepspeed.py ${train_args[*]}"
+env -u CUDA_VISIBLE_DEVICES deepspeed "${launch[@]}" --master_port "$master_port" train_deepspeed.py "${train_args[@]}"
+echo "checkpoints: $out_dir ($(cat "$out_dir/latest" 2>/dev/null || echo none) is the newest; resume with --init_from=resume)"

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from configurator import parse_overrides
+
+DEFAULTS = {'batch_size': 1, 'learning_rate': 3e-5, 'decay_lr': True, 'dataset': 'shakespeare', 'dtype': 'auto'}
+
+
+def test_config_file_then_overrides(tmp_path):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text("import math\nbatch_size = 4\nlearning_rate = 1e-3\n_private = 1\n")
+    out = parse_overrides([str(cfg), '--batch_size=8', '--dataset=shakespeare_char', '--local_rank=1'], DEFAULTS)
+    assert out == {'batch_size': 8, 'learning_rate': 1e-3, 'dataset': 'shakespeare_char'}
+
+
+def test_types_are_checked():
+    assert parse_overrides(['--learning_rate=1'], DEFAULTS) == {'learning_rate': 1.0}  # an int may be a float
+    assert type(parse_overrides(['--learning_rate=1'], DEFAULTS)['learning_rate']) is float
+    assert parse_overrides(['--decay_lr=False'], DEFAULTS) == {'decay_lr': False}
+    assert parse_overrides(["--dtype='bfloat16'"], DEFAULTS) == {'dtype': 'bfloat16'}
+    for bad in ('--batch_size=1.5', '--decay_lr=1', '--batch_size=four', '--learning_rate=True', '--dataset=3'):
+        with pytest.raises(ValueError, match='expected'):
+            parse_overrides([bad], DEFAULTS)
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'batchsize'; valid keys: batch_size, dataset, decay_lr"):
+        parse_overrides(['--batchsize=2'], DEFAULTS)
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text('max_itters = 5\n')
+    with pytest.raises(ValueError, match=f"{cfg}: unknown key 'max_itters'"):
+        parse_overrides([str(cfg)], DEFAULTS)
+    with pytest.raises(ValueError, match='--key=value'):
+        parse_overrides(['--batch_size'], DEFAULTS)
+    with pytest.raises(ValueError, match='not found'):
+        parse_overrides(['config/nope.py'], DEFAULTS)
+
+
+def test_resolves_the_trainers_constants():
+    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', 'config/train_shakespeare_char_cpu.py',
+                           '--max_iters=7'], cwd=REPO, capture_output=True, text=True)
+    s = json.loads(proc.stdout)
+    assert s['max_iters'] == 7 and s['dataset'] == 'shakespeare_char' and s['gradient_accumulation_steps'] == 1
+    assert s['learning_rate'] == 2e-3 and s['init_from'] == 'scratch'
+    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', '--max_iter=7'],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and "unknown key 'max_iter'" in proc.stderr
+
+
+def test_headline_defaults():
+    """The script's defaults are the seeds' headline run."""
+    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py'], cwd=REPO, capture_output=True, text=True)
+    s = json.loads(proc.stdout)
+    assert (s['init_from'], s['dataset'], s['block_size'], s['batch_size'], s['gradient_accumulation_steps']) == \
+        ('gpt2-xl', 'shakespeare', 1024, 1, 32)
+    assert (s['max_iters'], s['learning_rate'], s['eval_interval'], s['eval_iters']) == (20, 3e-5, 5, 20)
+    assert (s['out_dir'], s['deepspeed_config']) == ('out-shakespeare-xl-deepspeed', 'ds_config_zero2.json')

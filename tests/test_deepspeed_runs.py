@@ -1,0 +1,133 @@
+"""Real 2-rank DeepSpeed runs on CPU (gloo): training, checkpoints, resume, distributed eval."""
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, launch, metrics, ok, run
+from model import GPT, GPTConfig
+
+
+@pytest.mark.parametrize('stage', [2, 3])
+def test_trains_and_checkpoints(tmp_path, stage):
+    out = tmp_path / 'out'
+    proc = ok(launch([*TINY, f'--out_dir={out}', f'--deepspeed_config=ds_config_zero{stage}.json', '--max_iters=30',
+                      '--eval_interval=10', '--lr_decay_iters=30']))
+    assert f'ZeRO-{stage}, float32, 2 rank(s) on cpu (gloo)' in proc.stdout
+    assert 'train_batch_size = 8 x 1 x 2 = 16 sequences' in proc.stdout
+    records = metrics(out)
+    evals = [r for r in records if 'val_loss' in r]
+    steps = [r for r in records if 'loss' in r]
+    assert [r['iter'] for r in evals] == [0, 10, 20, 30]
+    assert [r['iter'] for r in steps] == list(range(30))
+    assert set(steps[0]) >= {'iter', 'loss', 'lr', 'dt_ms'} and set(evals[0]) >= {'iter', 'train_loss', 'val_loss'}
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5  # it learns
+    assert np.mean([r['loss'] for r in steps[-5:]]) < np.mean([r['loss'] for r in steps[:5]]) - 0.5
+    # the logged learning rate follows warmup then cosine (3e-3 -> 3e-4 over 30 iters)
+    assert steps[0]['lr'] == pytest.approx(1e-3) and steps[2]['lr'] == pytest.approx(3e-3)
+    assert steps[16]['lr'] == pytest.approx(3e-4 + 0.5 * (3e-3 - 3e-4))
+    # checkpoints: latest names the final tag, whose shards are all there
+    assert (out / 'latest').read_text().strip() == 'final'
+    assert (out / 'iter_10').is_dir() and (out / 'iter_20').is_dir()
+    files = sorted(os.listdir(out / 'final'))
+    optim = [f'zero_pp_rank_{r}_mp_rank_00_optim_states.pt' for r in (0, 1)]
+    model = ['mp_rank_00_model_states.pt'] if stage == 2 else [f'zero_pp_rank_{r}_mp_rank_00_model_states.pt' for r in (0, 1)]
+    assert files == sorted(optim + model)
+    state = torch.load(out / 'final' / model[0], map_location='cpu', weights_only=False)
+    assert state['iter_num'] == 30 and state['model_args']['n_layer'] == 2 and len(state['rng_states']) == 2
+    assert state['config']['max_iters'] == 30 and state['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
+
+
+@pytest.mark.parametrize('stage', [2, 3])
+def test_stop_and_resume_equals_uninterrupted(tmp_path, stage):
+    """Stopped at iter 4 and resumed, a run logs the same losses as one that never stopped. Dropout and
+    gradient accumulation are on, so the RNG streams and the micro-step order must be restored too."""
+    args = [*TINY, f'--deepspeed_config=ds_config_zero{stage}.json', '--dropout=0.1', '--gradient_accumulation_steps=2',
+            '--eval_interval=4', '--lr_decay_iters=8']
+    ok(launch([*args, f'--out_dir={tmp_path / "a"}', '--max_iters=8']))
+    ok(launch([*args, f'--out_dir={tmp_path / "b"}', '--max_iters=4']))
+    proc = ok(launch([*args, f'--out_dir={tmp_path / "b"}', '--max_iters=8', '--init_from=resume']))
+    assert 'resumed at iter 4' in proc.stdout
+    a = {r['iter']: r for r in metrics(tmp_path / 'a')}
+    b_records = metrics(tmp_path / 'b')
+    b = {r['iter']: r for r in b_records}
+    assert sorted(r['iter'] for r in b_records if 'loss' in r) == list(range(8))  # no iteration twice
+    for i in range(8):
+        assert abs(a[i]['loss'] - b[i]['loss']) <= 1e-6, (i, a[i]['loss'], b[i]['loss'])
+        assert a[i]['lr'] == b[i]['lr']
+    assert abs(a[8]['val_loss'] - b[8]['val_loss']) <= 1e-6
+
+
+def test_resume_from_a_named_tag(tmp_path):
+    out = tmp_path / 'out'
+    ok(launch([*TINY, f'--out_dir={out}', '--max_iters=4', '--eval_interval=2', '--always_save_checkpoint=True']))
+    proc = ok(launch([*TINY, f'--out_dir={out}', '--max_iters=3', '--init_from=resume', '--resume_tag=iter_2']))
+    assert f'resumed at iter 2 from {out / "iter_2"}' in proc.stdout
+    assert [r['iter'] for r in metrics(out) if 'loss' in r][-1] == 2
+
+
+def test_estimate_loss_agrees_across_ranks_and_with_one_process(tmp_path):
+    out = tmp_path / 'out'
+    ok(launch([*TINY, f'--out_dir={out}', '--max_iters=5', '--eval_interval=5']))
+    proc = ok(launch([*TINY, f'--out_dir={out}', '--init_from=resume', '--eval_only=True']))
+    seen = {int(r): (float(t), float(v)) for r, t, v in
+            re.findall(r'eval_only: rank (\d) of 2 has train loss ([\d.]+), val loss ([\d.]+)', proc.stdout)}
+    assert set(seen) == {0, 1} and seen[0] == seen[1]
+
+    # one process, the same weights, each rank's eval batches: rank r draws from default_rng([seed, r, 1 + split])
+    state = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
+    model = GPT(GPTConfig(**state['model_args']))
+    model.load_state_dict(state['module'])
+    model.eval()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    expected = []
+    for split_id, split in enumerate(('train', 'val')):
+        data = np.memmap(os.path.join(root, 'data', 'shakespeare_char', f'{split}.bin'), dtype=np.uint16, mode='r')
+        per_rank = []
+        for r in (0, 1):
+            rng = np.random.default_rng([1337, r, 1 + split_id])
+            losses = []
+            for _ in range(4):  # eval_iters
+                ix = rng.integers(0, len(data) - 32, size=8)
+                x = torch.from_numpy(np.stack([data[i:i + 32] for i in ix]).astype(np.int64))
+                y = torch.from_numpy(np.stack([data[i + 1:i + 33] for i in ix]).astype(np.int64))
+                with torch.no_grad():
+                    losses.append(model(x, y)[1].item())
+            per_rank.append(np.mean(losses))
+        expected.append(np.mean(per_rank))
+    assert seen[0] == pytest.approx(tuple(expected), abs=1e-5)
+    assert per_rank[0] != pytest.approx(per_rank[1], abs=1e-4)  # the ranks did see different batches
+
+
+def test_batch_mismatch_is_one_line(tmp_path):
+    cfg = json.load(open('ds_config_zero2.json'))
+    cfg.update(train_batch_size=16, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=8)
+    path = tmp_path / 'ds.json'
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / 'out'
+    proc = launch([*TINY, f'--out_dir={out}', f'--deepspeed_config={path}', '--batch_size=4',
+                   '--gradient_accumulation_steps=8', '--max_iters=2'])
+    assert proc.returncode != 0
+    errors = [line for line in proc.stdout.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, proc.stdout[-3000:]
+    assert 'train_batch_size=16' in errors[0] and '4 x 8 x 2 = 64' in errors[0] and '"auto"' in errors[0]
+    assert not out.exists()  # stopped before anything was written
+
+
+def test_one_process_without_launcher_and_bf16(tmp_path):
+    """plain python runs as a world of one; bf16 trains on CPU."""
+    out = tmp_path / 'out'
+    proc = ok(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--max_iters=3', '--dtype=bfloat16',
+                   '--eval_interval=3']))
+    assert 'bfloat16, 1 rank(s) on cpu' in proc.stdout and 'train_batch_size = 8 x 1 x 1' in proc.stdout
+    assert (out / 'final' / 'bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt').exists()
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    proc = run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={tmp_path / "o"}', '--dtype=float16'])
+    assert proc.returncode != 0
+    assert "error: dtype='float16' needs a GPU" in proc.stdout and '--dtype=bfloat16' in proc.stdout

@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, num_params
+
+SMALL = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_shapes_and_loss():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 16, 50)
+    assert abs(loss.item() - math.log(50)) < 0.3  # a fresh model is close to uniform
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 50) and loss is None
+
+
+def test_causal_mask():
+    """Changing a later token never changes the logits at earlier positions."""
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    a = torch.randint(0, 50, (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 1) % 50
+    la, _ = model(a, a)
+    lb, _ = model(b, b)
+    assert torch.allclose(la[0, :10], lb[0, :10], atol=1e-6)
+    assert not torch.allclose(la[0, 10], lb[0, 10])
+
+
+@pytest.mark.parametrize('name,expected', [('gpt2', 124_439_808), ('gpt2-medium', 354_823_168),
+                                           ('gpt2-large', 774_030_080), ('gpt2-xl', 1_557_611_200)])
+def test_parameter_counts(name, expected):
+    n_layer, n_head, n_embd = PRETRAINED_SHAPES[name]
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, block_size=1024)
+    with torch.device('meta'):  # counts without allocating 6 GB for gpt2-xl
+        model = GPT(config)
+    assert model.get_num_params() == expected == num_params(config)
+    assert model.get_num_params(non_embedding=True) == expected - 1024 * n_embd == num_params(config, True)
+
+
+def test_flops_per_token():
+    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)
+    N = 124_439_808 - 1024 * 768
+    assert flops_per_token(config) == 6 * N + 12 * 12 * 12 * 64 * 1024
+
+
+def test_tied_embeddings_and_no_bias():
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8, bias=False))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(not n.endswith('.bias') for n, _ in model.named_parameters())
+    assert model.get_num_params() == num_params(model.config)
+
+
+def test_crop_block_size_and_generate():
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape == (8, 32) and model.config.block_size == 8
+    out = model.generate(torch.zeros((2, 3), dtype=torch.long), max_new_tokens=12, top_k=5)
+    assert out.shape == (2, 15)  # longer than block_size: the context is cropped while generating
+    with pytest.raises(AssertionError):
+        model(torch.zeros((1, 9), dtype=torch.long))
+
+
+def test_weight_decay_groups():
+    model = GPT(SMALL)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and all(p.dim() == 2 for p in decay['params'])
+    assert no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
+    assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params()
+
+
+@pytest.mark.parametrize('n_layer,n_head,n_embd,n_positions', [(2, 2, 32, 64), (3, 3, 48, 40)])
+def test_from_pretrained_matches_transformers(tmp_path, n_layer, n_head, n_embd, n_positions):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                                    vocab_size=97)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    assert ours.config.block_size == n_positions and ours.config.vocab_size == 97
+    idx = torch.randint(0, 97, (2, n_positions))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got, _ = ours(idx, idx)
+    assert (got - expected).abs().max().item() <= 1e-5

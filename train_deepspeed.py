@@ -1,0 +1,360 @@
+"""
+Fine-tune (or train from scratch) a GPT-2 with DeepSpeed ZeRO, nanoGPT style.
+
+The defaults are the headline run, gpt2-xl on Shakespeare with ZeRO-2 on 4 GPUs:
+$ deepspeed --num_gpus 4 train_deepspeed.py
+Pick GPUs (DeepSpeed's launcher ignores CUDA_VISIBLE_DEVICES; run_deepspeed_xl.sh translates it):
+$ deepspeed --include localhost:0,1 train_deepspeed.py config/train_gpt2_xl_shakespeare.py
+No GPU: the same code on 2 CPU ranks over gloo (after python data/shakespeare_char/prepare.py):
+$ deepspeed --num_gpus 2 train_deepspeed.py config/train_shakespeare_char_cpu.py
+Resume from the newest checkpoint, or from a tag:
+$ deepspeed --num_gpus 4 train_deepspeed.py --init_from=resume [--resume_tag=iter_10]
+"""
+import json
+import math
+import os
+import pickle
+import random
+import socket
+import sys
+import time
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, PRETRAINED_SHAPES, is_pretrained_source
+
+# -----------------------------------------------------------------------------
+# defaults: gpt2-xl on Shakespeare, 4x V100-32GB, ZeRO-2 fp16 (~303 ms/iter, 15-16 GB per GPU)
+# I/O
+out_dir = 'out-shakespeare-xl-deepspeed'
+eval_interval = 5  # iters between evals (and checkpoint chances)
+log_interval = 1  # iters between log lines; the only host syncs in the loop happen here
+eval_iters = 20  # batches per split per rank at each eval
+eval_only = False  # evaluate once, print every rank's view of the result, exit
+always_save_checkpoint = False  # save at every eval, not only when val loss improves
+init_from = 'gpt2-xl'  # 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a transformers folder
+resume_tag = ''  # with init_from='resume': a tag like 'iter_10'; empty means the one named in out_dir/latest
+# data
+dataset = 'shakespeare'  # data/<dataset>/{train,val}.bin (uint16 token ids), or a folder path holding them
+gradient_accumulation_steps = 32  # micro steps per optimizer step, per rank
+batch_size = 1  # micro batch per GPU (DeepSpeed's train_micro_batch_size_per_gpu)
+block_size = 1024  # tokens per sample
+# model, for init_from='scratch' (pretrained and resumed runs take the checkpoint's shape)
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining; try 0.1+ when fine-tuning small data for long
+bias = True  # biases in Linear and LayerNorm, as in GPT-2
+# AdamW
+learning_rate = 3e-5  # peak; 3e-5 suits fine-tuning gpt2-xl, 1e-3 a small model from scratch
+max_iters = 20  # optimizer steps in all (a resumed run goes on up to this)
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # DeepSpeed's gradient_clipping; 0.0 disables
+# learning rate schedule: linear warmup, then cosine down to min_lr
+decay_lr = True  # False: constant learning_rate after warmup
+warmup_iters = 2
+lr_decay_iters = 20  # usually max_iters
+min_lr = 3e-6  # usually learning_rate / 10
+# system
+deepspeed_config = 'ds_config_zero2.json'  # ZeRO settings; batch, clipping and precision come from here
+dtype = 'auto'  # 'float32', 'bfloat16', 'float16', 'auto': bf16 on Ampere and newer, fp16 on older GPUs, fp32 on CPU
+seed = 1337
+sample_max_new_tokens = 0  # > 0: print a sample of this many tokens at the end
+sample_start = '\n'
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+
+config_keys = configure(globals())
+config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
+# -----------------------------------------------------------------------------
+
+
+def die(msg):
+    """Stop with one line, before anything is written. Every rank gets here with the same inputs."""
+    if os.environ.get('RANK', '0') == '0':
+        print(f'error: {msg}', file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+# plain `python train_deepspeed.py` runs as a world of one, as nanoGPT's train.py does
+if 'RANK' not in os.environ:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1',
+                          MASTER_ADDR='127.0.0.1', MASTER_PORT=str(s.getsockname()[1]))
+os.environ.setdefault('DS_ACCELERATOR', 'cuda' if torch.cuda.is_available() else 'cpu')
+
+import deepspeed  # noqa: E402  (after the environment is set: it picks its accelerator on import)
+import torch.distributed as dist  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+accelerator = get_accelerator()
+on_gpu = accelerator.device_name() == 'cuda'
+local_rank = int(os.environ['LOCAL_RANK'])
+if not on_gpu and 'OMP_NUM_THREADS' not in os.environ:  # ranks on one host share its cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.get_device_capability(local_rank)[0] >= 8 else 'float16') if on_gpu else 'float32'
+    config['dtype'] = dtype
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    die(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'float16' or 'auto'")
+if dtype == 'float16' and not on_gpu:
+    die("dtype='float16' needs a GPU (DeepSpeed has no fp16 on CPU): use --dtype=bfloat16 or --dtype=float32")
+
+deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+rank, world_size = dist.get_rank(), dist.get_world_size()
+master_process = rank == 0
+if on_gpu:
+    accelerator.set_device(local_rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+device = accelerator.device_name(local_rank) if on_gpu else 'cpu'
+torch.manual_seed(seed)  # the same on every rank: a scratch model starts identical everywhere
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+
+# -----------------------------------------------------------------------------
+# data: random windows from a memmap; each rank draws from its own seeded generator
+data_dir = dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+for split in ('train', 'val'):
+    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
+        die(f'{data_dir}/{split}.bin not found: run python {os.path.join(data_dir, "prepare.py")}')
+batch_rng = np.random.default_rng([seed, rank])  # training batches; its state is checkpointed
+
+
+def get_batch(split, rng):
+    # a new memmap per batch: a long-lived one keeps every page read resident (nanoGPT#151)
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if on_gpu:
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+meta_path = os.path.join(data_dir, 'meta.pkl')
+meta_vocab_size = None
+if os.path.exists(meta_path):
+    with open(meta_path, 'rb') as f:
+        meta_vocab_size = pickle.load(f)['vocab_size']
+
+# -----------------------------------------------------------------------------
+# model
+iter_num, best_val_loss, client_state = 0, 1e9, None
+if init_from == 'resume':
+    tag = resume_tag
+    if not tag:
+        latest = os.path.join(out_dir, 'latest')
+        if not os.path.isfile(latest):
+            die(f'nothing to resume: {latest} not found; start with --init_from=scratch or a pretrained model')
+        tag = open(latest).read().strip()
+    tag_dir = os.path.join(out_dir, tag)
+    states = sorted(f for f in os.listdir(tag_dir) if f.endswith('model_states.pt')) if os.path.isdir(tag_dir) else []
+    if not states:
+        die(f'no checkpoint at {tag_dir}: name an existing tag with --resume_tag (see {out_dir})')
+    # mmap: only the small client state is read here, not the weights
+    saved = torch.load(os.path.join(tag_dir, states[0]), map_location='cpu', mmap=True, weights_only=False)
+    model_args = saved['model_args']
+    del saved
+    model = GPT(GPTConfig(**model_args))  # weights come from load_checkpoint below
+elif init_from == 'scratch':
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                      dropout=dropout, vocab_size=meta_vocab_size or 50304)  # 50304: 50257 padded to a multiple of 64
+    model = GPT(GPTConfig(**model_args))
+elif is_pretrained_source(init_from):
+    model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    if block_size > model.config.block_size:
+        die(f'block_size={block_size} is more than {init_from} was trained for ({model.config.block_size}): '
+            f'use --block_size={model.config.block_size} or less')
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+else:
+    die(f"init_from={init_from!r} is none of 'scratch', 'resume', {', '.join(map(repr, PRETRAINED_SHAPES))} "
+        f'nor a folder with a transformers config.json')
+torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own numbers
+if meta_vocab_size and model.config.vocab_size < meta_vocab_size:
+    die(f'{dataset} has {meta_vocab_size} token ids, the model only {model.config.vocab_size}')
+if block_size > model.config.block_size:
+    die(f'block_size={block_size} is more than the checkpoint was trained with ({model.config.block_size})')
+
+# -----------------------------------------------------------------------------
+# DeepSpeed config: the JSON gives the ZeRO settings; batch, clipping and precision come from the
+# constants above, so that one place rules. Values the JSON states must agree with them.
+try:
+    with open(deepspeed_config) as f:
+        ds_config = json.load(f)
+except (OSError, json.JSONDecodeError) as e:
+    die(f'cannot read DeepSpeed config {deepspeed_config}: {e}')
+batch = {'train_micro_batch_size_per_gpu': batch_size, 'gradient_accumulation_steps': gradient_accumulation_steps,
+         'train_batch_size': batch_size * gradient_accumulation_steps * world_size}
+stated = {k: ds_config.get(k, 'auto') for k in batch}
+if any(v != 'auto' and v != batch[k] for k, v in stated.items()):
+    die(f"{deepspeed_config} says train_batch_size={stated['train_batch_size']}, micro batch="
+        f"{stated['train_micro_batch_size_per_gpu']}, gradient_accumulation_steps={stated['gradient_accumulation_steps']}, "
+        f'but train_batch_size must be micro batch x accumulation x world size = {batch_size} x '
+        f'{gradient_accumulation_steps} x {world_size} = {batch["train_batch_size"]}: set the three to "auto" '
+        f'in the JSON and choose --batch_size / --gradient_accumulation_steps here')
+if ds_config.get('gradient_clipping', 'auto') not in ('auto', grad_clip):
+    die(f"{deepspeed_config} says gradient_clipping={ds_config['gradient_clipping']}, grad_clip={grad_clip}: "
+        f'set it to "auto" in the JSON and use --grad_clip')
+for block, wanted in (('fp16', dtype == 'float16'), ('bf16', dtype == 'bfloat16')):
+    ds_config.setdefault(block, {})
+    if ds_config[block].get('enabled', 'auto') not in ('auto', wanted):
+        die(f'{deepspeed_config} has {block}.enabled={ds_config[block]["enabled"]} but dtype={dtype}: '
+            f'set it to "auto" in the JSON and choose --dtype here')
+    ds_config[block]['enabled'] = wanted
+ds_config.update(batch, gradient_clipping=grad_clip)
+stage = ds_config.get('zero_optimization', {}).get('stage', 0)
+if stage not in (0, 1, 2, 3):
+    die(f'{deepspeed_config}: zero_optimization.stage={stage!r}, DeepSpeed knows 0, 1, 2 and 3')
+config['zero_stage'] = stage
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
+model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+if init_from == 'resume':
+    load_path, client_state = model_engine.load_checkpoint(out_dir, tag=tag)
+    if load_path is None:
+        die(f'DeepSpeed could not load {tag_dir}')
+    iter_num, best_val_loss = client_state['iter_num'], client_state['best_val_loss']
+    rng = client_state['rng_states'][rank]  # every rank continues its own random streams
+    random.setstate(rng['python'])
+    np.random.set_state(rng['numpy'])
+    torch.set_rng_state(rng['torch'])
+    if on_gpu and rng.get('cuda') is not None:
+        torch.cuda.set_rng_state(rng['cuda'])
+    batch_rng.bit_generator.state = rng['batch']
+resumed_at = iter_num if init_from == 'resume' else None
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    n_params = model.get_num_params()
+    print(f'{init_from} -> {n_params / 1e6:.2f}M parameters; ZeRO-{stage}, {dtype}, {world_size} rank(s) on '
+          f'{accelerator.device_name()} ({dist.get_backend()}); train_batch_size = {batch_size} x '
+          f'{gradient_accumulation_steps} x {world_size} = {batch["train_batch_size"]} sequences, '
+          f'{tokens_per_iter:,} tokens per iter' + (f'; resumed at iter {iter_num} from {tag_dir}' if resumed_at is not None else ''))
+
+
+def log_record(record):
+    if master_process:
+        with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it >= lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches per split on every rank, averaged across ranks. The eval
+    batches are the same at every eval (a fresh generator each time), so evals compare like for like."""
+    out = {}
+    model_engine.eval()
+    for split_id, split in enumerate(('train', 'val')):
+        rng = np.random.default_rng([seed, rank, 1 + split_id])
+        losses = torch.zeros(eval_iters, device=device)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, rng)
+            losses[k] = model_engine(X, Y)[1].float()
+        mean = losses.mean()
+        dist.all_reduce(mean)  # every rank must run this, or the others wait forever
+        out[split] = mean.item() / world_size
+    model_engine.train()
+    return out
+
+
+def save(tag):
+    """Every rank writes its shards; rank 0 also writes the client state with all ranks' RNG streams."""
+    rng = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+           'cuda': torch.cuda.get_rng_state() if on_gpu else None, 'batch': batch_rng.bit_generator.state}
+    rng_states = [None] * world_size
+    dist.all_gather_object(rng_states, rng)
+    client = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, model_args=model_args,
+                  rng_states=rng_states)
+    model_engine.save_checkpoint(out_dir, tag=tag, client_state=client)
+    if master_process:
+        print(f'saved checkpoint {os.path.join(out_dir, tag)}')
+
+
+# -----------------------------------------------------------------------------
+# training loop. The batches for iter k are drawn after the eval and checkpoint at k, so a run resumed
+# from iter_k draws exactly what the uninterrupted run drew.
+t_log, iters_since_log = time.time(), 0
+while True:
+    if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
+        losses = estimate_loss()
+        if eval_only:
+            print(f"eval_only: rank {rank} of {world_size} has train loss {losses['train']:.6f}, "
+                  f"val loss {losses['val']:.6f} (averaged over ranks)", flush=True)
+            break
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        log_record({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
+        if losses['val'] < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, losses['val'])
+            if 0 < iter_num < max_iters:  # the state at max_iters is saved as 'final' below
+                save(f'iter_{iter_num}')
+        t_log = time.time()  # eval time is not training time
+    if iter_num >= max_iters:
+        break
+
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    loss_sum = torch.zeros((), device=device)
+    X, Y = get_batch('train', batch_rng)
+    for micro_step in range(gradient_accumulation_steps):
+        _, loss = model_engine(X, Y)
+        if micro_step + 1 < gradient_accumulation_steps:
+            X, Y = get_batch('train', batch_rng)  # while the GPU is busy with the forward pass
+        model_engine.backward(loss)  # DeepSpeed scales by 1/accumulation (and the fp16 loss scale)
+        model_engine.step()  # updates the weights only at the accumulation boundary
+        loss_sum += loss.detach().float()
+    iter_num += 1
+    iters_since_log += 1
+
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        mean_loss = loss_sum / gradient_accumulation_steps
+        dist.all_reduce(mean_loss)  # the global batch's loss; the sync is paid only at log intervals
+        lossf = mean_loss.item() / world_size
+        dt_ms = (time.time() - t_log) * 1000 / iters_since_log
+        t_log, iters_since_log = time.time(), 0
+        tokens_per_s = tokens_per_iter / (dt_ms / 1000)
+        if master_process:
+            print(f'iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.3e}, time {dt_ms:.2f}ms, {tokens_per_s:,.0f} tok/s')
+        log_record({'iter': iter_num - 1, 'loss': lossf, 'lr': lr, 'dt_ms': dt_ms, 'tokens_per_s': tokens_per_s})
+
+if not eval_only:
+    save('final')
+    if master_process:
+        print(f"done: best val loss {best_val_loss:.4f}; checkpoints in {out_dir} (tags: "
+              f"{', '.join(sorted(d for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d))))})")
+    if sample_max_new_tokens > 0:  # every rank runs it: under ZeRO-3 the forward pass gathers weights collectively
+        from tokenizer import load_codec
+        encode, decode = load_codec(meta_path)
+        torch.manual_seed(seed)
+        model_engine.eval()
+        start = torch.tensor([encode(sample_start)], dtype=torch.long, device=device)
+        out = model_engine.module.generate(start, sample_max_new_tokens, temperature=0.8, top_k=200)
+        if master_process:
+            print('-' * 40 + '\n' + decode(out[0].tolist()) + '\n' + '-' * 40)
+
+# gloo can abort at interpreter exit ('terminate called without an active exception') after the work
+# is done, failing the launcher at random: leave the process group, flush, and exit at once instead
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
