@@ -31,7 +31,7 @@ done
 # Python and DeepSpeed: the project's .venv (made by ./setup.sh) if there is one, else whatever is on PATH
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 command -v python >/dev/null 2>&1 || fail "python not found: run ./setup.sh (makes .venv with everything needed)"
-python -c "import deepspeed" 2>/dev/null || fail "deepspeed is not importable by $(command -v python): run ./setup.sh, or pip install deepspeed"
+python -c "import deepspeed" >/dev/null 2>&1 || fail "deepspeed is not importable by $(command -v python): run ./setup.sh, or pip install deepspeed"
 command -v deepspeed >/dev/null 2>&1 || fail "the deepspeed launcher is not on PATH: run ./setup.sh, or pip install deepspeed"
 
 # GPUs: DeepSpeed's launcher ignores CUDA_VISIBLE_DEVICES, so it becomes --include localhost:LIST
@@ -42,13 +42,24 @@ if [ "$cpu_demo" = 1 ]; then
   train_args=(config/train_shakespeare_char_cpu.py "${train_args[@]}")
   export DS_ACCELERATOR=cpu
   launch=(--num_gpus "${num_gpus:-2}")
-  gpus_desc="${num_gpus:-2} CPU ranks (gloo)"
+  gpus_desc="${num_gpus:-2} CPU ranks (gloo)"; world="${num_gpus:-2}"
 elif [ -n "$hostfile" ]; then
   [ -f "$hostfile" ] || fail "hostfile $hostfile not found"
   launch=(--hostfile "$hostfile")
-  gpus_desc="the hosts in $hostfile"
+  gpus_desc="the hosts in $hostfile"; world="(GPUs in $hostfile)"
 else
-  if [ "$physical_gpus" = 0 ]; then
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    IFS=',' read -r -a wanted <<< "$CUDA_VISIBLE_DEVICES"
+    for g in "${wanted[@]}"; do
+      [[ "$g" =~ ^[0-9]+$ ]] || fail "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: use GPU indices (0,1,...), this script cannot map '$g'"
+      [ "$physical_gpus" -gt 0 ] || fail "CUDA_VISIBLE_DEVICES names GPU $g but this machine has no GPU: unset it, or use --cpu-demo"
+      [ "$g" -lt "$physical_gpus" ] || fail "CUDA_VISIBLE_DEVICES names GPU $g but this machine has $physical_gpus GPU(s): list indices from 0 to $((physical_gpus - 1)), or unset it"
+    done
+    [ -z "$num_gpus" ] || [ "$num_gpus" -le "${#wanted[@]}" ] || fail "--num_gpus $num_gpus but CUDA_VISIBLE_DEVICES lists ${#wanted[@]} GPU(s)"
+    selected=$(IFS=','; echo "${wanted[*]:0:${num_gpus:-${#wanted[@]}}}")
+    launch=(--include "localhost:$selected")
+    gpus_desc="GPUs $selected"; world=$(( ${num_gpus:-${#wanted[@]}} ))
+  elif [ "$physical_gpus" = 0 ]; then
     echo "No GPU visible on this machine: the GPT-2 XL run needs GPUs."
     echo "The same trainer runs for real on CPU: ./run_deepspeed_xl.sh --cpu-demo (a small GPT on 2 CPU ranks, a few minutes)."
     if [ -t 0 ] && [ -t 1 ]; then
@@ -56,21 +67,10 @@ else
       [[ "$answer" =~ ^[Yy] ]] && exec "$0" --cpu-demo "${train_args[@]}"
     fi
     exit 1
-  fi
-  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-    IFS=',' read -r -a wanted <<< "$CUDA_VISIBLE_DEVICES"
-    for g in "${wanted[@]}"; do
-      [[ "$g" =~ ^[0-9]+$ ]] || fail "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: use GPU indices (0,1,...), this script cannot map '$g'"
-      [ "$g" -lt "$physical_gpus" ] || fail "CUDA_VISIBLE_DEVICES names GPU $g but this machine has $physical_gpus (0..$((physical_gpus - 1)))"
-    done
-    [ -z "$num_gpus" ] || [ "$num_gpus" -le "${#wanted[@]}" ] || fail "--num_gpus $num_gpus but CUDA_VISIBLE_DEVICES lists ${#wanted[@]}"
-    selected=$(IFS=','; echo "${wanted[*]:0:${num_gpus:-${#wanted[@]}}}")
-    launch=(--include "localhost:$selected")
-    gpus_desc="GPUs $selected"
   else
     [ -z "$num_gpus" ] || [ "$num_gpus" -le "$physical_gpus" ] || fail "--num_gpus $num_gpus but this machine has $physical_gpus GPU(s)"
     launch=(--num_gpus "${num_gpus:-$physical_gpus}")
-    gpus_desc="${num_gpus:-$physical_gpus} GPU(s)"
+    gpus_desc="${num_gpus:-$physical_gpus} GPU(s)"; world="${num_gpus:-$physical_gpus}"
   fi
 fi
 
@@ -108,7 +108,7 @@ python -c "import sys; sys.exit(float(sys.argv[1]) < float(sys.argv[2]))" "$free
 
 echo "model:       $init_from"
 echo "GPUs:        $gpus_desc"
-echo "batch:       train_batch_size = $micro (micro) x $accum (accumulation) x world size"
+echo "batch:       train_batch_size = $micro (micro batch) x $accum (accumulation) x $world (world size)"
 echo "data:        $data_dir    DeepSpeed config: $ds_config    out_dir: $out_dir ($free_gb GB free, ~$need_gb GB per checkpoint)"
 echo "running:     deepspeed ${launch[*]} --master_port $master_port train_deepspeed.py ${train_args[*]}"
 env -u CUDA_VISIBLE_DEVICES deepspeed "${launch[@]}" --master_port "$master_port" train_deepspeed.py "${train_args[@]}"

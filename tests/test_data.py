@@ -1,0 +1,56 @@
+"""The prepared Shakespeare data and the offline GPT-2 tokenizer: real files, real tiktoken."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO
+from tokenizer import gpt2_encoding, load_codec
+
+
+def bins(name):
+    return [np.memmap(os.path.join(REPO, 'data', name, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')]
+
+
+def test_gpt2_bpe_offline():
+    enc = gpt2_encoding()
+    assert enc.encode('Hello world') == [15496, 995] and enc.n_vocab == 50257
+    assert enc.decode(enc.encode('To be, or not to be')) == 'To be, or not to be'
+
+
+def test_char_level_data():
+    train, val = bins('shakespeare_char')
+    assert abs(len(train) / (len(train) + len(val)) - 0.9) < 1e-3  # 90/10 split
+    with open(os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl'), 'rb') as f:
+        meta = pickle.load(f)
+    assert meta['vocab_size'] == len(meta['itos']) == len(meta['stoi']) and int(train.max()) < meta['vocab_size']
+    encode, decode = load_codec(os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl'))
+    text = decode(train[:20000].tolist())
+    assert 'the' in text and encode(text[:500]) == train[:500].tolist()
+
+
+def test_bpe_data_decodes_to_shakespeare():
+    train, val = bins('shakespeare')
+    assert abs(len(train) / (len(train) + len(val)) - 0.9) < 1e-3
+    assert int(train.max()) < 50257
+    text = gpt2_encoding().decode(train[:5000].tolist())
+    assert sum(w in text for w in (' thou ', ' the ', ' my lord')) >= 2
+    assert not os.path.exists(os.path.join(REPO, 'data', 'shakespeare', 'meta.pkl'))  # BPE: no char vocabulary
+
+
+def test_prepare_from_a_local_file(tmp_path):
+    """--input works, here on a copy of the char script run in a scratch folder so the real data stays."""
+    work = tmp_path / 'data'
+    (work / 'shakespeare_char').mkdir(parents=True)
+    src = os.path.join(REPO, 'data')
+    for f in ('shakespeare_text.py', os.path.join('shakespeare_char', 'prepare.py')):
+        (work / f).write_text(open(os.path.join(src, f)).read())
+    (tmp_path / 'in.txt').write_text('abcab' * 200)
+    proc = subprocess.run([sys.executable, str(work / 'shakespeare_char' / 'prepare.py'), '--input', str(tmp_path / 'in.txt')],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    train = np.fromfile(work / 'shakespeare_char' / 'train.bin', dtype=np.uint16)
+    val = np.fromfile(work / 'shakespeare_char' / 'val.bin', dtype=np.uint16)
+    assert len(train) == 900 and len(val) == 100 and train[:5].tolist() == [0, 1, 2, 0, 1]
