@@ -14,9 +14,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if nvidia-smi -L >/dev/null 2>&1; then
     pip install "torch==$TORCH_VERSION"
   else
-    # no GPU: the CPU build, from a local wheel folder (pip's find-links) or PyTorch's CPU index
-    pip install --no-index "torch==$TORCH_VERSION+cpu" 2>/dev/null \
-      || pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+    # no GPU: the CPU build, from a wheel folder pip already knows (find-links) or PyTorch's CPU index
+    pip install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+      || pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+          --extra-index-url https://pypi.org/simple
   fi
 fi
 pip install -r requirements.txt
