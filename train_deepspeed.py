@@ -184,6 +184,8 @@ if block_size > model.config.block_size:
 # -----------------------------------------------------------------------------
 # DeepSpeed config: the JSON gives the ZeRO settings; batch, clipping and precision come from the
 # constants above, so that one place rules. Values the JSON states must agree with them.
+if not os.path.isfile(deepspeed_config):  # a bare name also finds the JSONs that ship beside this script
+    deepspeed_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), deepspeed_config)
 try:
     with open(deepspeed_config) as f:
         ds_config = json.load(f)
@@ -306,7 +308,7 @@ while True:
             best_val_loss = min(best_val_loss, losses['val'])
             if 0 < iter_num < max_iters:  # the state at max_iters is saved as 'final' below
                 save(f'iter_{iter_num}')
-        t_log = time.time()  # eval time is not training time
+        t_log, iters_since_log = time.time(), 0  # eval time is not training time
     if iter_num >= max_iters:
         break
 

@@ -39,6 +39,7 @@ def test_trains_and_checkpoints(tmp_path, stage):
     assert files == sorted(optim + model)
     state = torch.load(out / 'final' / model[0], map_location='cpu', weights_only=False)
     assert state['iter_num'] == 30 and state['model_args']['n_layer'] == 2 and len(state['rng_states']) == 2
+    assert state['model_args']['vocab_size'] == 84  # from data/shakespeare_char/meta.pkl, not GPT-2's 50304
     assert state['config']['max_iters'] == 30 and state['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
 
 
@@ -131,3 +132,18 @@ def test_fp16_on_cpu_is_refused(tmp_path):
     proc = run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={tmp_path / "o"}', '--dtype=float16'])
     assert proc.returncode != 0
     assert "error: dtype='float16' needs a GPU" in proc.stdout and '--dtype=bfloat16' in proc.stdout
+
+
+def test_init_from_a_transformers_folder(tmp_path):
+    """init_from=<folder written by save_pretrained>: loaded, cropped to block_size, and fine-tuned with ZeRO-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=48, vocab_size=97)).save_pretrained(tmp_path / 'hf')
+    args = [*TINY, f'--init_from={tmp_path / "hf"}', f'--out_dir={tmp_path / "out"}', '--max_iters=3', '--eval_interval=3']
+    proc = ok(launch(args))
+    state = torch.load(tmp_path / 'out' / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
+    assert state['model_args'] == dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    assert state['module']['transformer.wpe.weight'].shape == (32, 32)  # cropped from 48 positions
+    assert f'{tmp_path / "hf"} -> ' in proc.stdout
+    proc = launch([*args, '--block_size=64'])
+    assert proc.returncode != 0 and 'error: block_size=64 is more than' in proc.stdout and '--block_size=48' in proc.stdout

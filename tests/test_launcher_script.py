@@ -1,4 +1,5 @@
 """run_deepspeed_xl.sh: its checks each fail with one clear line, and the CPU demo runs through it."""
+import json
 import os
 import shutil
 import subprocess
@@ -9,9 +10,9 @@ from conftest import REPO, env, free_port
 SCRIPT = os.path.join(REPO, 'run_deepspeed_xl.sh')
 
 
-def sh(*args, environ=None, script=SCRIPT):
+def sh(*args, environ=None, script=SCRIPT, timeout=300):
     return subprocess.run([script, *args], cwd=REPO, env=environ or env(), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def error_line(proc):
@@ -51,14 +52,17 @@ def test_deepspeed_missing(tmp_path):
     assert 'deepspeed is not importable' in line and './setup.sh' in line
 
 
-def test_cpu_demo_runs_through_the_script(tmp_path):
+def test_the_cpu_demo(tmp_path):
+    """The README's demo, whole, through the launcher script: it must learn Shakespeare (val loss < 2.0;
+    a unigram model gets about 3.3) and print a sample."""
     out = tmp_path / 'out'
-    proc = sh('--cpu-demo', '--master_port', str(free_port()), '--max_iters=20', '--eval_interval=10',
-              f'--out_dir={out}')
+    proc = sh('--cpu-demo', '--master_port', str(free_port()), f'--out_dir={out}', timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'GPUs:        2 CPU ranks (gloo)' in proc.stdout
     assert 'train_batch_size = 16 (micro batch) x 1 (accumulation) x 2 (world size)' in proc.stdout
     assert 'ZeRO-2, bfloat16, 2 rank(s) on cpu (gloo)' in proc.stdout
     assert f'checkpoints: {out} (final is the newest' in proc.stdout
-    assert proc.stdout.count('-' * 40) == 2  # the sample, framed
-    assert (out / 'final' / 'mp_rank_00_model_states.pt').exists()
+    final = [json.loads(line) for line in open(out / 'metrics.jsonl') if 'val_loss' in line][-1]
+    assert final['iter'] == 2000 and final['val_loss'] < 2.0
+    sample = proc.stdout.split('-' * 40)[1]
+    assert len(sample) > 200 and sample.count(' ') > 20  # words, not one long token soup
