@@ -143,7 +143,7 @@ if os.path.exists(meta_path):
 
 # -----------------------------------------------------------------------------
 # model
-iter_num, best_val_loss, client_state = 0, 1e9, None
+iter_num, best_val_loss = 0, 1e9
 if init_from == 'resume':
     tag = resume_tag
     if not tag:
