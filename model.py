@@ -20,6 +20,8 @@ PRETRAINED_SHAPES = {  # name -> (n_layer, n_head, n_embd), all with vocab 50257
     'gpt2-large': (36, 20, 1280),   # 774M
     'gpt2-xl': (48, 25, 1600),      # 1558M
 }
+# OpenAI's checkpoints use Conv1D, which stores these Linear weights as (in, out)
+CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
 @dataclass
@@ -140,7 +142,7 @@ class GPT(nn.Module):
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def crop_block_size(self, block_size):
@@ -169,9 +171,12 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir, override_args=None):
         """Load OpenAI's GPT-2 ('gpt2' ... 'gpt2-xl', from the Hugging Face hub) or any folder written by
-        transformers' save_pretrained. Only dropout may be overridden: the rest is the checkpoint's."""
+        transformers' save_pretrained. Only dropout may be overridden: the shape is the checkpoint's
+        (crop_block_size shortens the context afterwards)."""
         override_args = override_args or {}
-        assert set(override_args) <= {'dropout'}, f'only dropout can be overridden, got {sorted(override_args)}'
+        if set(override_args) - {'dropout'}:
+            raise ValueError(f'{name_or_dir}: only dropout can be overridden on a pretrained model, not '
+                             f"{', '.join(sorted(set(override_args) - {'dropout'}))}: its shape is the checkpoint's")
         from transformers import GPT2LMHeadModel
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         c = hf.config
@@ -183,16 +188,26 @@ class GPT(nn.Module):
         model = cls(config)
         sd = model.state_dict()
         sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
-        # OpenAI's checkpoints use Conv1D, which stores Linear weights as (in, out)
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
         missing = set(sd) - set(sd_hf)
         if missing:
             raise ValueError(f'{name_or_dir}: checkpoint lacks {sorted(missing)[:5]}')
         with torch.no_grad():
             for k in sd:
                 w = sd_hf[k]
-                sd[k].copy_(w.t() if k.endswith(transposed) else w)
+                sd[k].copy_(w.t() if k.endswith(CONV1D_WEIGHTS) else w)
         return model
+
+    def hf_state_dict(self):
+        """The weights under transformers' GPT2LMHeadModel names and layout, the inverse of from_pretrained:
+        Conv1D weights transposed, the tied lm_head left to tie_word_embeddings, and zeros for the biases
+        a bias=False model lacks (GPT-2 always has them; zero biases compute the same thing)."""
+        sd = {k: (p.t() if k.endswith(CONV1D_WEIGHTS) else p).detach().float().contiguous()
+              for k, p in self.named_parameters()}  # the tied weight appears once, as transformer.wte.weight
+        with torch.device('meta'):
+            with_bias = GPT(GPTConfig(**{**self.config.__dict__, 'bias': True}))
+        for k, p in with_bias.named_parameters():
+            sd.setdefault(k, torch.zeros(p.shape))
+        return sd
 
     def configure_optimizers(self, weight_decay, learning_rate, betas):
         """AdamW where every 2-D tensor (matmul weights, embeddings) decays and biases and norms don't."""

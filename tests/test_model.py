@@ -76,17 +76,56 @@ def test_weight_decay_groups():
     assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params()
 
 
-@pytest.mark.parametrize('n_layer,n_head,n_embd,n_positions', [(2, 2, 32, 64), (3, 3, 48, 40)])
-def test_from_pretrained_matches_transformers(tmp_path, n_layer, n_head, n_embd, n_positions):
+def tiny_hf(path, n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97):
+    """A random transformers GPT-2 saved to path: the stand-in for OpenAI's weights, which are not reachable here."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
-                                    vocab_size=97)).eval()
-    hf.save_pretrained(tmp_path)
+                                    vocab_size=vocab_size, bos_token_id=vocab_size - 1,
+                                    eos_token_id=vocab_size - 1)).eval()
+    hf.save_pretrained(path)
+    return hf
+
+
+# head sizes 16, 16, 8 and 6 (n_head 3, 5 and 6 are not powers of two); contexts all shorter than 1024
+@pytest.mark.parametrize('n_layer,n_head,n_embd,n_positions', [(2, 2, 32, 64), (3, 3, 48, 40), (1, 5, 40, 24),
+                                                               (2, 6, 36, 100)])
+def test_from_pretrained_matches_transformers(tmp_path, n_layer, n_head, n_embd, n_positions):
+    hf = tiny_hf(tmp_path, n_layer, n_head, n_embd, n_positions)
     ours = GPT.from_pretrained(str(tmp_path)).eval()
-    assert ours.config.block_size == n_positions and ours.config.vocab_size == 97
+    assert ours.config.block_size == n_positions and ours.config.vocab_size == 97 and ours.config.n_head == n_head
+    assert ours.lm_head.weight is ours.transformer.wte.weight
     idx = torch.randint(0, 97, (2, n_positions))
     with torch.no_grad():
         expected = hf(idx).logits
         got, _ = ours(idx, idx)
     assert (got - expected).abs().max().item() <= 1e-5
+    # cropped to a shorter context, it still computes what transformers computes on that context
+    ours.crop_block_size(n_positions // 2)
+    with torch.no_grad():
+        got, _ = ours(idx[:, :n_positions // 2], idx[:, :n_positions // 2])
+        expected = hf(idx[:, :n_positions // 2]).logits
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_from_pretrained_overrides(tmp_path):
+    tiny_hf(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path), dict(dropout=0.2))
+    assert model.config.dropout == 0.2 and model.transformer.drop.p == 0.2
+    with pytest.raises(ValueError, match='only dropout can be overridden on a pretrained model, not bias, n_layer'):
+        GPT.from_pretrained(str(tmp_path), dict(n_layer=4, bias=False))
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_hf_state_dict_loads_into_transformers(bias):
+    """hf_state_dict is from_pretrained's inverse; a bias=False model gets zero biases and computes the same."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=bias)).eval()
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=50)).eval()
+    result = hf.load_state_dict(ours.hf_state_dict(), strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {'lm_head.weight'}  # tied to wte
+    hf.tie_weights()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert (ours(idx, idx)[0] - hf(idx).logits).abs().max().item() <= 1e-5
