@@ -42,15 +42,17 @@ def parse_overrides(argv, defaults):
 
 
 def configure(namespace, argv=None):
-    """Apply overrides to a script's constants (its int/float/bool/str globals); bad input: one line, exit 2."""
+    """Apply overrides to a script's constants (its int/float/bool/str globals); bad input: one line, exit 2.
+    Returns the constants' names and the overrides that were applied."""
     defaults = {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
     try:
-        namespace.update(parse_overrides(sys.argv[1:] if argv is None else argv, defaults))
+        overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults)
     except ValueError as e:
         if os.environ.get('RANK', '0') == '0':
             print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    return list(defaults)
+    namespace.update(overrides)
+    return list(defaults), overrides
 
 
 if __name__ == '__main__':  # `python configurator.py train_deepspeed.py [args]`: the resolved constants as JSON, nothing run

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import socket
 import sys
 import time
@@ -67,7 +68,7 @@ sample_start = '\n'
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
-config_keys = configure(globals())
+config_keys, overrides = configure(globals())
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
 
@@ -104,9 +105,24 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
 if dtype == 'float16' and not on_gpu:
     die("dtype='float16' needs a GPU (DeepSpeed has no fp16 on CPU): use --dtype=bfloat16 or --dtype=float32")
 
+if not on_gpu and local_rank == 0:  # the CPU comm op is JIT-built under a lock that a killed build leaves behind
+    lock = os.path.join(os.environ.get('TORCH_EXTENSIONS_DIR', os.path.expanduser('~/.cache/torch_extensions')),
+                        f'py{sys.version_info.major}{sys.version_info.minor}_cpu', 'deepspeed_shm_comm', 'lock')
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:
+        print(f'warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} min old; if this start hangs, '
+              f'no other DeepSpeed start is running and it is stale: delete it', file=sys.stderr)
 deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
 rank, world_size = dist.get_rank(), dist.get_world_size()
 master_process = rank == 0
+if not on_gpu and 'LOCAL_SIZE' in os.environ:
+    # DeepSpeed's CPU shm all-reduce never unlinks its 66 MB /dev/shm buffer per rank and master port, so each
+    # run used to leak them. Every rank has mapped every buffer once init returns: drop the names now, and
+    # the memory goes back when the ranks exit, however they exit.
+    dist.barrier()
+    shm_buffer = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+                 f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    if os.path.exists(shm_buffer):
+        os.remove(shm_buffer)
 if on_gpu:
     accelerator.set_device(local_rank)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,8 +173,10 @@ if init_from == 'resume':
         die(f'no checkpoint at {tag_dir}: name an existing tag with --resume_tag (see {out_dir})')
     # mmap: only the small client state is read here, not the weights
     saved = torch.load(os.path.join(tag_dir, states[0]), map_location='cpu', mmap=True, weights_only=False)
-    model_args = saved['model_args']
+    model_args, saved_world_size = saved['model_args'], saved['dp_world_size']
+    saved_stage = saved['ds_config'].get('zero_optimization', {}).get('stage', 0)
     del saved
+    universal = os.path.isdir(os.path.join(tag_dir, 'zero'))  # made by ds_to_universal: loads on any world size
     model = GPT(GPTConfig(**model_args))  # weights come from load_checkpoint below
 elif init_from == 'scratch':
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -175,6 +193,12 @@ elif is_pretrained_source(init_from):
 else:
     die(f"init_from={init_from!r} is none of 'scratch', 'resume', {', '.join(map(repr, PRETRAINED_SHAPES))} "
         f'nor a folder with a transformers config.json')
+clash = [f'{k}={overrides[k]}' for k in ('n_layer', 'n_head', 'n_embd', 'bias')
+         if init_from != 'scratch' and k in overrides and overrides[k] != getattr(model.config, k)]
+if clash:
+    die(f"{', '.join(clash)} disagrees with {init_from} (n_layer={model.config.n_layer}, n_head={model.config.n_head}, "
+        f'n_embd={model.config.n_embd}, bias={model.config.bias}): a pretrained or resumed model keeps its shape; '
+        f'drop the override or use --init_from=scratch')
 torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own numbers
 if meta_vocab_size and model.config.vocab_size < meta_vocab_size:
     die(f'{dataset} has {meta_vocab_size} token ids, the model only {model.config.vocab_size}')
@@ -214,6 +238,12 @@ stage = ds_config.get('zero_optimization', {}).get('stage', 0)
 if stage not in (0, 1, 2, 3):
     die(f'{deepspeed_config}: zero_optimization.stage={stage!r}, DeepSpeed knows 0, 1, 2 and 3')
 config['zero_stage'] = stage
+if init_from == 'resume' and universal:
+    ds_config['checkpoint'] = {**ds_config.get('checkpoint', {}), 'load_universal': True}
+elif init_from == 'resume' and saved_stage > 0 and saved_world_size != world_size:
+    die(f'{tag_dir} holds ZeRO-{saved_stage} shards for {saved_world_size} ranks, this run has {world_size}: convert it '
+        f'once with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder '
+        f'{tag_dir} --output_folder {tag_dir}_universal` and resume with --resume_tag={tag}_universal')
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -223,17 +253,26 @@ if init_from == 'resume':
     if load_path is None:
         die(f'DeepSpeed could not load {tag_dir}')
     iter_num, best_val_loss = client_state['iter_num'], client_state['best_val_loss']
-    rng = client_state['rng_states'][rank]  # every rank continues its own random streams
-    random.setstate(rng['python'])
-    np.random.set_state(rng['numpy'])
-    torch.set_rng_state(rng['torch'])
-    if on_gpu and rng.get('cuda') is not None:
-        torch.cuda.set_rng_state(rng['cuda'])
-    batch_rng.bit_generator.state = rng['batch']
+    if len(client_state['rng_states']) == world_size:  # every rank continues its own random streams
+        rng = client_state['rng_states'][rank]
+        random.setstate(rng['python'])
+        np.random.set_state(rng['numpy'])
+        torch.set_rng_state(rng['torch'])
+        if on_gpu and rng.get('cuda') is not None:
+            torch.cuda.set_rng_state(rng['cuda'])
+        batch_rng.bit_generator.state = rng['batch']
+    else:  # fresh streams, also new to each rank: continuing, but not what an unbroken run would have drawn
+        batch_rng = np.random.default_rng([seed, rank, iter_num])
+        torch.manual_seed(seed + rank + 1000 * iter_num)
+        if master_process:
+            print(f"note: {len(client_state['rng_states'])} ranks saved this checkpoint, {world_size} resume it: "
+                  f'the weights and optimizer carry over, the batch order starts afresh')
 resumed_at = iter_num if init_from == 'resume' else None
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(meta_path):  # the vocabulary travels with the run, for sample.py and export.py
+        shutil.copyfile(meta_path, os.path.join(out_dir, 'meta.pkl'))
     n_params = model.get_num_params()
     print(f'{init_from} -> {n_params / 1e6:.2f}M parameters; ZeRO-{stage}, {dtype}, {world_size} rank(s) on '
           f'{accelerator.device_name()} ({dist.get_backend()}); train_batch_size = {batch_size} x '
@@ -278,16 +317,31 @@ def estimate_loss():
 
 
 def save(tag):
-    """Every rank writes its shards; rank 0 also writes the client state with all ranks' RNG streams."""
+    """Every rank writes its shards, rank 0 also the client state with all ranks' RNG streams, into <tag>.partial;
+    then rank 0 swaps it in for an older <tag> and points 'latest' at it. So a kill mid-save, or a save by another
+    number of ranks over an older tag, never leaves a folder of mixed shards behind."""
     rng = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
            'cuda': torch.cuda.get_rng_state() if on_gpu else None, 'batch': batch_rng.bit_generator.state}
     rng_states = [None] * world_size
     dist.all_gather_object(rng_states, rng)
     client = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, model_args=model_args,
                   rng_states=rng_states)
-    model_engine.save_checkpoint(out_dir, tag=tag, client_state=client)
+    tag_dir, partial = os.path.join(out_dir, tag), os.path.join(out_dir, tag + '.partial')
+    if master_process and os.path.isdir(partial):
+        shutil.rmtree(partial)  # the remains of a killed save
+    dist.barrier()
+    model_engine.save_checkpoint(out_dir, tag=tag + '.partial', client_state=client, save_latest=False)
+    dist.barrier()
     if master_process:
-        print(f'saved checkpoint {os.path.join(out_dir, tag)}')
+        if os.path.isdir(tag_dir):
+            os.replace(tag_dir, tag_dir + '.old')
+        os.replace(partial, tag_dir)
+        shutil.rmtree(tag_dir + '.old', ignore_errors=True)
+        with open(os.path.join(out_dir, 'latest.tmp'), 'w') as f:
+            f.write(tag)
+        os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
+        print(f'saved checkpoint {tag_dir}')
+    dist.barrier()  # nobody reads or writes out_dir/<tag> before it is in place
 
 
 # -----------------------------------------------------------------------------
@@ -342,7 +396,7 @@ if not eval_only:
     save('final')
     if master_process:
         print(f"done: best val loss {best_val_loss:.4f}; checkpoints in {out_dir} (tags: "
-              f"{', '.join(sorted(d for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d))))})")
+              f"{', '.join(sorted(d for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d)) and '.' not in d))})")
     if sample_max_new_tokens > 0:  # every rank runs it: under ZeRO-3 the forward pass gathers weights collectively
         from tokenizer import load_codec
         encode, decode = load_codec(meta_path)

@@ -1,19 +1,23 @@
 """Helpers for tests that launch the real deepspeed launcher with CPU ranks over gloo."""
+import ast
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's bin: python, deepspeed
 # a small model that trains in seconds on the real character-level Shakespeare data
-TINY = ['--init_from=scratch', '--dataset=shakespeare_char', '--n_layer=2', '--n_head=2', '--n_embd=64',
-        '--block_size=32', '--batch_size=8', '--gradient_accumulation_steps=1', '--dtype=float32',
-        '--eval_iters=4', '--log_interval=1', '--warmup_iters=2', '--learning_rate=3e-3', '--min_lr=3e-4']
-
+TINY_RUN = ['--dataset=shakespeare_char', '--block_size=32', '--batch_size=8', '--gradient_accumulation_steps=1',
+            '--dtype=float32', '--eval_iters=4', '--log_interval=1', '--warmup_iters=2', '--learning_rate=3e-3',
+            '--min_lr=3e-4']
+TINY = ['--init_from=scratch', '--n_layer=2', '--n_head=2', '--n_embd=64', *TINY_RUN]
 
 def free_port():
     with socket.socket() as s:
@@ -36,9 +40,9 @@ def launch(args, ranks=2, timeout=300):
                           text=True, timeout=timeout)
 
 
-def run(cmd, timeout=300):
-    return subprocess.run(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+def run(cmd, timeout=300, merge_stderr=True):
+    return subprocess.run(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True, timeout=timeout)
 
 
 def ok(proc):
@@ -56,3 +60,41 @@ def prepared_data():
     for name in ('shakespeare_char', 'shakespeare'):
         if not os.path.exists(os.path.join(REPO, 'data', name, 'val.bin')):
             ok(run([sys.executable, f'data/{name}/prepare.py']))
+
+
+def script_function(name, **namespace):
+    """A function as written in train_deepspeed.py, run against a namespace holding the constants it reads."""
+    tree = ast.parse(open(os.path.join(REPO, 'train_deepspeed.py')).read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), 'train_deepspeed.py', 'exec'), namespace)
+    return namespace[name]
+
+
+def loss_of(model, x, y):
+    """Cross-entropy of our GPT or of a transformers GPT2LMHeadModel (whose own loss shifts the labels)."""
+    with torch.no_grad():
+        logits = model(x, y)[0] if hasattr(model, 'get_num_params') else model(x).logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1)).item()
+
+
+def batches_of(dataset, seeds, split, count, batch_size=8, block_size=32):
+    """The batches train_deepspeed.py's get_batch draws from np.random.default_rng(seeds)."""
+    get_batch = script_function('get_batch', np=np, torch=torch, os=os, data_dir=os.path.join(REPO, 'data', dataset),
+                                block_size=block_size, batch_size=batch_size, on_gpu=False)
+    rng = np.random.default_rng(seeds)
+    return [get_batch(split, rng) for _ in range(count)]
+
+
+def expected_eval(model, dataset='shakespeare_char', ranks=2, eval_iters=4, seed=1337, **shape):
+    """What the trainer's estimate_loss reports for this model: rank r draws its eval batches from
+    default_rng([seed, r, 1 + split]); each rank's mean, then the mean over ranks."""
+    return {split: float(np.mean([np.mean([loss_of(model, x, y) for x, y in
+                                           batches_of(dataset, [seed, r, 1 + i], split, eval_iters, **shape)])
+                                  for r in range(ranks)]))
+            for i, split in enumerate(('train', 'val'))}
+
+
+def expected_first_loss(model, dataset='shakespeare_char', ranks=2, accumulation=1, seed=1337, **shape):
+    """The loss the trainer logs at iter 0: the mean over every rank's micro batches, drawn from default_rng([seed, r])."""
+    return float(np.mean([loss_of(model, x, y) for r in range(ranks)
+                          for x, y in batches_of(dataset, [seed, r], 'train', accumulation, **shape)]))

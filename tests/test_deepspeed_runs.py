@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, launch, metrics, ok, run
+from conftest import TINY, TINY_RUN, expected_eval, launch, metrics, ok, run
 from model import GPT, GPTConfig
+from test_model import tiny_hf
 
 
 @pytest.mark.parametrize('stage', [2, 3])
@@ -79,29 +80,14 @@ def test_estimate_loss_agrees_across_ranks_and_with_one_process(tmp_path):
             re.findall(r'eval_only: rank (\d) of 2 has train loss ([\d.]+), val loss ([\d.]+)', proc.stdout)}
     assert set(seen) == {0, 1} and seen[0] == seen[1]
 
-    # one process, the same weights, each rank's eval batches: rank r draws from default_rng([seed, r, 1 + split])
+    # one process, the same weights, each rank's eval batches
     state = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
     model = GPT(GPTConfig(**state['model_args']))
     model.load_state_dict(state['module'])
-    model.eval()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    expected = []
-    for split_id, split in enumerate(('train', 'val')):
-        data = np.memmap(os.path.join(root, 'data', 'shakespeare_char', f'{split}.bin'), dtype=np.uint16, mode='r')
-        per_rank = []
-        for r in (0, 1):
-            rng = np.random.default_rng([1337, r, 1 + split_id])
-            losses = []
-            for _ in range(4):  # eval_iters
-                ix = rng.integers(0, len(data) - 32, size=8)
-                x = torch.from_numpy(np.stack([data[i:i + 32] for i in ix]).astype(np.int64))
-                y = torch.from_numpy(np.stack([data[i + 1:i + 33] for i in ix]).astype(np.int64))
-                with torch.no_grad():
-                    losses.append(model(x, y)[1].item())
-            per_rank.append(np.mean(losses))
-        expected.append(np.mean(per_rank))
-    assert seen[0] == pytest.approx(tuple(expected), abs=1e-5)
-    assert per_rank[0] != pytest.approx(per_rank[1], abs=1e-4)  # the ranks did see different batches
+    expected = expected_eval(model.eval())
+    assert seen[0] == pytest.approx((expected['train'], expected['val']), abs=1e-5)
+    one_rank = expected_eval(model, ranks=1)
+    assert one_rank['val'] != pytest.approx(expected['val'], abs=1e-4)  # the ranks did see different batches
 
 
 def test_batch_mismatch_is_one_line(tmp_path):
@@ -136,10 +122,8 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 
 def test_init_from_a_transformers_folder(tmp_path):
     """init_from=<folder written by save_pretrained>: loaded, cropped to block_size, and fine-tuned with ZeRO-2."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=48, vocab_size=97)).save_pretrained(tmp_path / 'hf')
-    args = [*TINY, f'--init_from={tmp_path / "hf"}', f'--out_dir={tmp_path / "out"}', '--max_iters=3', '--eval_interval=3']
+    tiny_hf(tmp_path / 'hf', n_positions=48)
+    args = [*TINY_RUN, f'--init_from={tmp_path / "hf"}', f'--out_dir={tmp_path / "out"}', '--max_iters=3', '--eval_interval=3']
     proc = ok(launch(args))
     state = torch.load(tmp_path / 'out' / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
     assert state['model_args'] == dict(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
@@ -147,3 +131,7 @@ def test_init_from_a_transformers_folder(tmp_path):
     assert f'{tmp_path / "hf"} -> ' in proc.stdout
     proc = launch([*args, '--block_size=64'])
     assert proc.returncode != 0 and 'error: block_size=64 is more than' in proc.stdout and '--block_size=48' in proc.stdout
+    proc = launch([*args, '--n_embd=64', '--n_layer=2'])  # n_layer agrees; n_embd does not
+    errors = [line for line in proc.stdout.splitlines() if line.startswith('error:')]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stdout[-3000:]
+    assert errors[0].startswith('error: n_embd=64 disagrees with') and 'n_embd=32' in errors[0] and '--init_from=scratch' in errors[0]

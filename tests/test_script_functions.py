@@ -1,21 +1,12 @@
 """get_batch and get_lr as written in train_deepspeed.py: the flat script's own function definitions,
 taken from its source and run against a namespace holding the constants they read."""
-import ast
 import math
 import os
 
 import numpy as np
 import pytest
 
-from conftest import REPO
-
-
-def script_function(name, **namespace):
-    tree = ast.parse(open(os.path.join(REPO, 'train_deepspeed.py')).read())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    code = compile(ast.Module(body=[node], type_ignores=[]), 'train_deepspeed.py', 'exec')
-    exec(code, namespace)
-    return namespace[name]
+from conftest import script_function
 
 
 def test_get_batch(tmp_path):
