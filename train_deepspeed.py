@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, PRETRAINED_SHAPES, is_pretrained_source
+from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source
+from perf import PHASES, PhaseTimer, gpu_peak_flops, measured_cpu_flops, memory_mb, write_run_json
 
 # -----------------------------------------------------------------------------
 # defaults: gpt2-xl on Shakespeare, 4x V100-32GB, ZeRO-2 fp16 (~303 ms/iter, 15-16 GB per GPU)
@@ -31,6 +32,14 @@ from model import GPT, GPTConfig, PRETRAINED_SHAPES, is_pretrained_source
 out_dir = 'out-shakespeare-xl-deepspeed'
 eval_interval = 5  # iters between evals (and checkpoint chances)
 log_interval = 1  # iters between log lines; the only host syncs in the loop happen here
+progress = True  # a tqdm bar on rank 0 when stdout is a terminal (plain log lines otherwise)
+time_phases = True  # data/forward/backward/step shares in each log line (GPU events: no extra host sync)
+peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: perf.py's table (GPU) or a matmul timed at start (CPU)
+wandb_log = False  # also log to Weights & Biases (WANDB_MODE=offline works without a network)
+wandb_project = 'nanogpt-deepspeed'
+wandb_run_name = ''  # empty: wandb picks one; a resumed run continues its checkpoint's wandb run
+tensorboard_log = False  # also log to out_dir/tensorboard
+plot = False  # at the end, draw out_dir/loss.png (plot.py)
 eval_iters = 20  # batches per split per rank at each eval
 eval_only = False  # evaluate once, print every rank's view of the result, exit
 always_save_checkpoint = False  # save at every eval, not only when val loss improves
@@ -269,21 +278,56 @@ if init_from == 'resume':
                   f'the weights and optimizer carry over, the batch order starts afresh')
 resumed_at = iter_num if init_from == 'resume' else None
 
+# MFU = model FLOPs per token (model.py, computed once) x tokens/s, over the peak of all devices in the run
+model_flops_per_token = flops_per_token(GPTConfig(**{**model_args, 'block_size': block_size}))
+if peak_flops > 0:
+    peak_source = 'given as peak_flops'
+elif on_gpu:
+    peak_flops, peak_source = gpu_peak_flops(torch.cuda.get_device_name(local_rank), dtype) or 0.0, 'data sheet'
+else:  # all ranks at once, sharing the cores as they will in training
+    peak = torch.tensor(measured_cpu_flops(dtype), dtype=torch.float64)
+    dist.all_reduce(peak)
+    peak_flops, peak_source = peak.item() / world_size, 'a matmul timed at start'
+devices = [None] * world_size
+dist.all_gather_object(devices, f'{socket.gethostname()}: ' + (torch.cuda.get_device_name(local_rank) if on_gpu else 'cpu'))
+
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(meta_path):  # the vocabulary travels with the run, for sample.py and export.py
         shutil.copyfile(meta_path, os.path.join(out_dir, 'meta.pkl'))
-    n_params = model.get_num_params()
-    print(f'{init_from} -> {n_params / 1e6:.2f}M parameters; ZeRO-{stage}, {dtype}, {world_size} rank(s) on '
+    write_run_json(out_dir, dict(config=config, ds_config=ds_config, world_size=world_size, devices=devices,
+                                 model_args=model_args, n_params=model.get_num_params(),
+                                 flops_per_token=model_flops_per_token, peak_flops=peak_flops, peak_source=peak_source,
+                                 resumed_at=resumed_at))
+    print(f'{init_from} -> {model.get_num_params() / 1e6:.2f}M parameters; ZeRO-{stage}, {dtype}, {world_size} rank(s) on '
           f'{accelerator.device_name()} ({dist.get_backend()}); train_batch_size = {batch_size} x '
           f'{gradient_accumulation_steps} x {world_size} = {batch["train_batch_size"]} sequences, '
           f'{tokens_per_iter:,} tokens per iter' + (f'; resumed at iter {iter_num} from {tag_dir}' if resumed_at is not None else ''))
+    print(f'MFU against {peak_flops / 1e12:.3g} TFLOP/s per device ({peak_source}, {dtype})' if peak_flops else
+          f'MFU not shown: no peak known for {devices[0]} in {dtype}; give --peak_flops=<FLOP/s of one device>')
+
+
+wandb_run = tb_writer = None
+if master_process and wandb_log:
+    import wandb
+    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, dir=out_dir,
+                           id=client_state.get('wandb_run_id') if resumed_at is not None else None, resume='allow')
+if master_process and tensorboard_log:
+    from torch.utils.tensorboard import SummaryWriter
+    tb_writer = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
 
 
 def log_record(record):
+    """One line of metrics.jsonl, and the same figures to wandb and tensorboard with the iter as their step."""
     if master_process:
         with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
             f.write(json.dumps(record) + '\n')
+        values = {k: v for k, v in record.items() if k != 'iter'}
+        if wandb_run:
+            wandb_run.log(values, step=record['iter'])
+        if tb_writer:
+            for k, v in values.items():
+                tb_writer.add_scalar(k, v, record['iter'])
 
 
 def get_lr(it):
@@ -325,7 +369,7 @@ def save(tag):
     rng_states = [None] * world_size
     dist.all_gather_object(rng_states, rng)
     client = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, model_args=model_args,
-                  rng_states=rng_states)
+                  rng_states=rng_states, wandb_run_id=wandb_run.id if wandb_run else None)
     tag_dir, partial = os.path.join(out_dir, tag), os.path.join(out_dir, tag + '.partial')
     if master_process and os.path.isdir(partial):
         shutil.rmtree(partial)  # the remains of a killed save
@@ -348,6 +392,12 @@ def save(tag):
 # training loop. The batches for iter k are drawn after the eval and checkpoint at k, so a run resumed
 # from iter_k draws exactly what the uninterrupted run drew.
 t_log, iters_since_log = time.time(), 0
+timer = PhaseTimer(use_events=on_gpu) if time_phases else None
+bar = None
+if master_process and progress and sys.stdout.isatty():
+    from tqdm import tqdm
+    bar = tqdm(total=max_iters, initial=iter_num, unit='iter', dynamic_ncols=True)
+say = bar.write if bar else print  # log lines above the bar, not through it
 while True:
     if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
         losses = estimate_loss()
@@ -356,30 +406,42 @@ while True:
                   f"val loss {losses['val']:.6f} (averaged over ranks)", flush=True)
             break
         if master_process:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         log_record({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if 0 < iter_num < max_iters:  # the state at max_iters is saved as 'final' below
                 save(f'iter_{iter_num}')
         t_log, iters_since_log = time.time(), 0  # eval time is not training time
+        if timer:
+            timer.restart()
     if iter_num >= max_iters:
         break
+    if timer:
+        timer.mark('other')  # the loop's own work since the last step (logging, the lr)
 
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
     loss_sum = torch.zeros((), device=device)
     X, Y = get_batch('train', batch_rng)
+    mark = timer.mark if timer else (lambda phase: None)
+    mark('data')
     for micro_step in range(gradient_accumulation_steps):
         _, loss = model_engine(X, Y)
+        mark('forward')
         if micro_step + 1 < gradient_accumulation_steps:
             X, Y = get_batch('train', batch_rng)  # while the GPU is busy with the forward pass
+            mark('data')
         model_engine.backward(loss)  # DeepSpeed scales by 1/accumulation (and the fp16 loss scale)
+        mark('backward')
         model_engine.step()  # updates the weights only at the accumulation boundary
+        mark('step')
         loss_sum += loss.detach().float()
     iter_num += 1
     iters_since_log += 1
+    if bar:
+        bar.update(1)
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
         mean_loss = loss_sum / gradient_accumulation_steps
@@ -388,15 +450,42 @@ while True:
         dt_ms = (time.time() - t_log) * 1000 / iters_since_log
         t_log, iters_since_log = time.time(), 0
         tokens_per_s = tokens_per_iter / (dt_ms / 1000)
+        record = {'iter': iter_num - 1, 'loss': lossf, 'lr': lr, 'dt_ms': dt_ms, 'tokens_per_s': tokens_per_s}
+        if peak_flops:
+            record['mfu'] = model_flops_per_token * tokens_per_s / (world_size * peak_flops)
+        memory = memory_mb(on_gpu)
+        highest = torch.tensor(list(memory.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)  # the rank closest to running out is the one that matters
+        record.update(zip(memory, highest.tolist()))
+        if dtype == 'float16':
+            record.update(loss_scale=optimizer.cur_scale, skipped_steps=model_engine.skipped_steps)
+        shares = timer.fractions() if timer else {}
+        record.update({f'{phase}_frac': share for phase, share in shares.items()})
         if master_process:
-            print(f'iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.3e}, time {dt_ms:.2f}ms, {tokens_per_s:,.0f} tok/s')
-        log_record({'iter': iter_num - 1, 'loss': lossf, 'lr': lr, 'dt_ms': dt_ms, 'tokens_per_s': tokens_per_s})
+            say(f'iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.3e}, time {dt_ms:.2f}ms, {tokens_per_s:,.0f} tok/s'
+                + (f", MFU {record['mfu'] * 100:.1f}%" if peak_flops else '')
+                + (' (' + ' '.join(f'{p} {shares[p] * 100:.0f}%' for p in PHASES if p in shares) + ')' if shares else '')
+                + (f", GPU {record['gpu_alloc_mb'] / 1024:.1f}/{record['gpu_reserved_mb'] / 1024:.1f} GB" if on_gpu else '')
+                + f", RSS {record['rss_mb'] / 1024:.2f} GB"
+                + (f", loss scale {record['loss_scale']:g} ({record['skipped_steps']} skipped)" if dtype == 'float16' else ''))
+            if bar:
+                bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f'{tokens_per_s:,.0f}', refresh=False)
+        log_record(record)
 
+if bar:
+    bar.close()
 if not eval_only:
     save('final')
     if master_process:
         print(f"done: best val loss {best_val_loss:.4f}; checkpoints in {out_dir} (tags: "
               f"{', '.join(sorted(d for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d)) and '.' not in d))})")
+        if plot:
+            from plot import plot_run
+            print(f'plotted {plot_run(out_dir)}')
+if wandb_run:
+    wandb_run.finish()
+if tb_writer:
+    tb_writer.close()
     if sample_max_new_tokens > 0:  # every rank runs it: under ZeRO-3 the forward pass gathers weights collectively
         from tokenizer import load_codec
         encode, decode = load_codec(meta_path)

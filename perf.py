@@ -1,0 +1,125 @@
+"""
+The trainer's measuring helpers, kept out of the loop: peak FLOP/s for MFU, a per-phase timer that adds no
+host sync, and memory figures. MFU is model FLOPs (model.py's flops_per_token) over the device's peak.
+"""
+import re
+import time
+
+import psutil
+import torch
+
+# Dense peak TFLOP/s for the matmul dtype (no sparsity), from the vendors' data sheets. 'float32' is TF32
+# where the GPU has it, since the trainer enables TF32 matmuls. Matched against torch's device name, in
+# order, on word boundaries (so 'A10' does not claim an A100 or an A10G).
+PEAK_TFLOPS = [  # (name pattern, {dtype: TFLOP/s})
+    (r'H100.*PCIe', {'bfloat16': 756, 'float16': 756, 'float32': 378}),
+    (r'H100', {'bfloat16': 989, 'float16': 989, 'float32': 494}),  # SXM
+    (r'H200', {'bfloat16': 989, 'float16': 989, 'float32': 494}),
+    (r'A100', {'bfloat16': 312, 'float16': 312, 'float32': 156}),
+    (r'V100', {'float16': 125, 'float32': 15.7}),  # no bf16, no TF32
+    (r'L4', {'bfloat16': 121, 'float16': 121, 'float32': 60}),
+    (r'A10', {'bfloat16': 125, 'float16': 125, 'float32': 62.5}),
+    (r'RTX 4090', {'bfloat16': 165, 'float16': 165, 'float32': 82.6}),  # fp32 accumulate
+    (r'RTX 3090', {'bfloat16': 71, 'float16': 71, 'float32': 35.6}),
+]
+
+
+def gpu_peak_flops(device_name, dtype):
+    """Peak FLOP/s of one GPU in dtype, or None when the table does not know it."""
+    for pattern, peaks in PEAK_TFLOPS:
+        if re.search(rf'\b{pattern}\b', device_name):
+            return peaks[dtype] * 1e12 if dtype in peaks else None
+    return None
+
+
+def measured_cpu_flops(dtype, seconds=0.5, n=512):
+    """This process's matmul FLOP/s on CPU with its threads, timed for about `seconds`: the reachable peak
+    for MFU on CPU, which has no data-sheet figure that means much (turbo, AVX units, the threads we get)."""
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    a @ b  # warm up
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+
+
+PHASES = ('data', 'forward', 'backward', 'step', 'other')  # the order log lines show them in
+
+
+class PhaseTimer:
+    """Where an iteration's time goes. mark(phase) gives the time since the previous mark to `phase`. On a GPU
+    the marks are CUDA events, read at the log interval after the loss sync has drained the queue, so the
+    timing adds no host sync and measures what the GPU did (idle gaps included); on CPU the work is
+    synchronous and perf_counter is exact."""
+
+    def __init__(self, use_events):
+        self.use_events, self.marks, self.totals = use_events, [], {}
+
+    def _now(self):
+        if not self.use_events:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self, phase):
+        self.marks.append((phase, self._now()))
+
+    def restart(self):
+        """Forget everything since the last mark: evals and checkpoints are not training time."""
+        self.marks = [('start', self._now())]
+
+    def fractions(self):
+        """{phase: share of the measured time} since the last call, and start over."""
+        if self.use_events and self.marks:
+            self.marks[-1][1].synchronize()
+        for (_, t0), (phase, t1) in zip(self.marks, self.marks[1:]):
+            self.totals[phase] = self.totals.get(phase, 0.0) + (t0.elapsed_time(t1) / 1e3 if self.use_events else t1 - t0)
+        total = sum(self.totals.values()) or 1.0
+        shares = {phase: t / total for phase, t in self.totals.items()}
+        self.marks, self.totals = self.marks[-1:], {}
+        return shares
+
+
+def memory_mb(on_gpu):
+    """This rank's memory: GPU peak allocated and reserved (MB) and the process's resident set (current and peak)."""
+    rss = psutil.Process().memory_info().rss
+    peak_rss = max(rss, _peak_rss_bytes())
+    gpu = {'gpu_alloc_mb': torch.cuda.max_memory_allocated() / 2**20,
+           'gpu_reserved_mb': torch.cuda.max_memory_reserved() / 2**20} if on_gpu else {}
+    return {**gpu, 'rss_mb': rss / 2**20, 'peak_rss_mb': peak_rss / 2**20}
+
+
+def _peak_rss_bytes():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def write_run_json(out_dir, info):
+    """out_dir/run.json: what this start ran with, and on what. A resumed run keeps the earlier ones as run.<n>.json."""
+    import json, os, subprocess, sys
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {'python': sys.version.split()[0]}
+    for package in ('torch', 'deepspeed', 'transformers', 'numpy'):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *args: subprocess.run(['git', '-C', here, *args], capture_output=True, text=True).stdout.strip()
+    try:
+        commit = git('rev-parse', 'HEAD') or None
+        dirty = bool(git('status', '--porcelain', '--untracked-files=no')) if commit else None
+    except OSError:  # no git on this machine
+        commit, dirty = None, None
+    path = os.path.join(out_dir, 'run.json')
+    if os.path.exists(path):
+        n = 1
+        while os.path.exists(os.path.join(out_dir, f'run.{n}.json')):
+            n += 1
+        os.replace(path, os.path.join(out_dir, f'run.{n}.json'))
+    with open(path, 'w') as f:
+        json.dump({**info, 'versions': versions, 'git_commit': commit, 'git_dirty': dirty,
+                   'started': time.strftime('%Y-%m-%dT%H:%M:%S%z')}, f, indent=1, default=str)

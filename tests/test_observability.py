@@ -1,0 +1,79 @@
+"""What a run shows about itself, on real 2-rank runs: MFU, the phase breakdown, memory, run.json, the
+progress bar, and the same figures in wandb (offline), tensorboard and loss.png; a resumed run keeps its
+wandb run."""
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+import torch
+
+from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
+from model import GPTConfig, flops_per_token
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+
+
+def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
+    out = tmp_path / 'out'
+    args = [*TINY, f'--out_dir={out}', '--wandb_log=True', '--tensorboard_log=True', '--gradient_accumulation_steps=2']
+    proc = ok(launch([*args, '--max_iters=4', '--eval_interval=2', '--plot=True']))
+    train = [r for r in metrics(out) if 'loss' in r]
+    assert [r['iter'] for r in train] == [0, 1, 2, 3]
+    for r in train:
+        assert 0 < r['mfu'] < 1 and r['rss_mb'] > 50 and r['peak_rss_mb'] >= r['rss_mb'] * 0.99
+        shares = {k[:-5]: v for k, v in r.items() if k.endswith('_frac')}
+        assert {'data', 'forward', 'backward', 'step'} <= set(shares) and abs(sum(shares.values()) - 1) < 1e-6
+        assert shares['forward'] > 0.02 and shares['backward'] > 0.02
+    assert re.search(r'iter 3: loss [\d.]+, .*MFU [\d.]+% \(data \d+% forward \d+% backward \d+% step \d+%', proc.stdout)
+    assert 'MFU against' in proc.stdout and 'a matmul timed at start' in proc.stdout
+    assert '\r' not in proc.stdout  # not a terminal: plain lines, no progress bar
+
+    run = json.load(open(out / 'run.json'))
+    assert run['world_size'] == 2 and len(run['devices']) == 2 and run['config']['max_iters'] == 4
+    assert run['ds_config']['train_batch_size'] == 8 * 2 * 2 and run['versions']['deepspeed'] == '0.19.8'
+    assert re.fullmatch(r'[0-9a-f]{40}', run['git_commit']) and isinstance(run['git_dirty'], bool)
+    assert (out / 'loss.png').stat().st_size > 1000
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / 'tensorboard')).Reload()
+    assert [e.step for e in events.Scalars('loss')] == [0, 1, 2, 3]
+    assert [e.step for e in events.Scalars('val_loss')] == [0, 2, 4]
+
+    state = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
+    run_id = state['wandb_run_id']
+    assert run_id and len(glob.glob(str(out / 'wandb' / f'offline-run-*-{run_id}'))) == 1
+
+    # resumed, with a given peak: the same wandb run goes on, MFU is exactly model FLOPs over that peak
+    ok(launch([*args, '--max_iters=6', '--eval_interval=2', '--init_from=resume', '--peak_flops=1e12']))
+    assert len(glob.glob(str(out / 'wandb' / f'offline-run-*-{run_id}'))) == 2
+    assert len(glob.glob(str(out / 'wandb' / 'offline-run-*'))) == 2
+    fpt = flops_per_token(GPTConfig(**{**state['model_args'], 'block_size': 32}))
+    for r in [r for r in metrics(out) if 'loss' in r][4:]:
+        assert r['mfu'] == pytest.approx(fpt * r['tokens_per_s'] / 2e12, rel=1e-9)
+    assert json.load(open(out / 'run.1.json'))['resumed_at'] is None and json.load(open(out / 'run.json'))['resumed_at'] == 4
+
+
+def in_a_terminal(args):
+    """Run the launcher under script(1), which gives it a pty (of a real width: tqdm draws nothing in 0 columns)."""
+    cmd = [os.path.join(BIN, 'deepspeed'), '--num_gpus', '2', '--master_port', str(free_port()), 'train_deepspeed.py', *args]
+    proc = subprocess.run(['script', '-qefc', 'stty cols 120 rows 40; ' + shlex.join(cmd), '/dev/null'], cwd=REPO, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc.stdout
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    args = [*TINY, '--max_iters=3', '--eval_interval=3']
+    shown = in_a_terminal([*args, f'--out_dir={tmp_path / "a"}'])
+    assert re.search(r'\b3/3 \[', shown) and ('iter/s' in shown or 's/iter' in shown)  # tqdm's bar with its rate
+    assert 'iter 2: loss' in shown  # the log lines still appear, above the bar
+    plain = in_a_terminal([*args, f'--out_dir={tmp_path / "b"}', '--progress=False'])
+    assert not re.search(r'\d/3 \[', plain) and 'iter 2: loss' in plain
