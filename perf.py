@@ -36,7 +36,8 @@ def measured_cpu_flops(dtype, seconds=0.5, n=512):
     """This process's matmul FLOP/s on CPU with its threads, timed for about `seconds`: the reachable peak
     for MFU on CPU, which has no data-sheet figure that means much (turbo, AVX units, the threads we get)."""
     dt = getattr(torch, dtype)
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    g = torch.Generator().manual_seed(0)  # its own: the global stream belongs to the run (resume replays it)
+    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
     a @ b  # warm up
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

@@ -101,6 +101,8 @@ import deepspeed  # noqa: E402  (after the environment is set: it picks its acce
 import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
+from ds_setup import init_distributed, resolve_ds_config  # noqa: E402
+
 accelerator = get_accelerator()
 on_gpu = accelerator.device_name() == 'cuda'
 local_rank = int(os.environ['LOCAL_RANK'])
@@ -114,24 +116,16 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
 if dtype == 'float16' and not on_gpu:
     die("dtype='float16' needs a GPU (DeepSpeed has no fp16 on CPU): use --dtype=bfloat16 or --dtype=float32")
 
-if not on_gpu and local_rank == 0:  # the CPU comm op is JIT-built under a lock that a killed build leaves behind
-    lock = os.path.join(os.environ.get('TORCH_EXTENSIONS_DIR', os.path.expanduser('~/.cache/torch_extensions')),
-                        f'py{sys.version_info.major}{sys.version_info.minor}_cpu', 'deepspeed_shm_comm', 'lock')
-    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:
-        print(f'warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} min old; if this start hangs, '
-              f'no other DeepSpeed start is running and it is stale: delete it', file=sys.stderr)
-deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-rank, world_size = dist.get_rank(), dist.get_world_size()
+world_size = int(os.environ['WORLD_SIZE'])
+try:
+    ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps, world_size,
+                                         grad_clip, dtype)
+except ValueError as e:
+    die(str(e))
+config['zero_stage'] = stage
+
+rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, local_rank)
 master_process = rank == 0
-if not on_gpu and 'LOCAL_SIZE' in os.environ:
-    # DeepSpeed's CPU shm all-reduce never unlinks its 66 MB /dev/shm buffer per rank and master port, so each
-    # run used to leak them. Every rank has mapped every buffer once init returns: drop the names now, and
-    # the memory goes back when the ranks exit, however they exit.
-    dist.barrier()
-    shm_buffer = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
-                 f"{os.environ.get('MASTER_PORT', '')}_{rank}"
-    if os.path.exists(shm_buffer):
-        os.remove(shm_buffer)
 if on_gpu:
     accelerator.set_device(local_rank)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -215,38 +209,6 @@ if block_size > model.config.block_size:
     die(f'block_size={block_size} is more than the checkpoint was trained with ({model.config.block_size})')
 
 # -----------------------------------------------------------------------------
-# DeepSpeed config: the JSON gives the ZeRO settings; batch, clipping and precision come from the
-# constants above, so that one place rules. Values the JSON states must agree with them.
-if not os.path.isfile(deepspeed_config):  # a bare name also finds the JSONs that ship beside this script
-    deepspeed_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), deepspeed_config)
-try:
-    with open(deepspeed_config) as f:
-        ds_config = json.load(f)
-except (OSError, json.JSONDecodeError) as e:
-    die(f'cannot read DeepSpeed config {deepspeed_config}: {e}')
-batch = {'train_micro_batch_size_per_gpu': batch_size, 'gradient_accumulation_steps': gradient_accumulation_steps,
-         'train_batch_size': batch_size * gradient_accumulation_steps * world_size}
-stated = {k: ds_config.get(k, 'auto') for k in batch}
-if any(v != 'auto' and v != batch[k] for k, v in stated.items()):
-    die(f"{deepspeed_config} says train_batch_size={stated['train_batch_size']}, micro batch="
-        f"{stated['train_micro_batch_size_per_gpu']}, gradient_accumulation_steps={stated['gradient_accumulation_steps']}, "
-        f'but train_batch_size must be micro batch x accumulation x world size = {batch_size} x '
-        f'{gradient_accumulation_steps} x {world_size} = {batch["train_batch_size"]}: set the three to "auto" '
-        f'in the JSON and choose --batch_size / --gradient_accumulation_steps here')
-if ds_config.get('gradient_clipping', 'auto') not in ('auto', grad_clip):
-    die(f"{deepspeed_config} says gradient_clipping={ds_config['gradient_clipping']}, grad_clip={grad_clip}: "
-        f'set it to "auto" in the JSON and use --grad_clip')
-for block, wanted in (('fp16', dtype == 'float16'), ('bf16', dtype == 'bfloat16')):
-    ds_config.setdefault(block, {})
-    if ds_config[block].get('enabled', 'auto') not in ('auto', wanted):
-        die(f'{deepspeed_config} has {block}.enabled={ds_config[block]["enabled"]} but dtype={dtype}: '
-            f'set it to "auto" in the JSON and choose --dtype here')
-    ds_config[block]['enabled'] = wanted
-ds_config.update(batch, gradient_clipping=grad_clip)
-stage = ds_config.get('zero_optimization', {}).get('stage', 0)
-if stage not in (0, 1, 2, 3):
-    die(f'{deepspeed_config}: zero_optimization.stage={stage!r}, DeepSpeed knows 0, 1, 2 and 3')
-config['zero_stage'] = stage
 if init_from == 'resume' and universal:
     ds_config['checkpoint'] = {**ds_config.get('checkpoint', {}), 'load_universal': True}
 elif init_from == 'resume' and saved_stage > 0 and saved_world_size != world_size:
@@ -301,7 +263,7 @@ if master_process:
                                  resumed_at=resumed_at))
     print(f'{init_from} -> {model.get_num_params() / 1e6:.2f}M parameters; ZeRO-{stage}, {dtype}, {world_size} rank(s) on '
           f'{accelerator.device_name()} ({dist.get_backend()}); train_batch_size = {batch_size} x '
-          f'{gradient_accumulation_steps} x {world_size} = {batch["train_batch_size"]} sequences, '
+          f'{gradient_accumulation_steps} x {world_size} = {ds_config["train_batch_size"]} sequences, '
           f'{tokens_per_iter:,} tokens per iter' + (f'; resumed at iter {iter_num} from {tag_dir}' if resumed_at is not None else ''))
     print(f'MFU against {peak_flops / 1e12:.3g} TFLOP/s per device ({peak_source}, {dtype})' if peak_flops else
           f'MFU not shown: no peak known for {devices[0]} in {dtype}; give --peak_flops=<FLOP/s of one device>')
@@ -481,11 +443,10 @@ if not eval_only:
               f"{', '.join(sorted(d for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d)) and '.' not in d))})")
         if plot:
             from plot import plot_run
-            print(f'plotted {plot_run(out_dir)}')
-if wandb_run:
-    wandb_run.finish()
-if tb_writer:
-    tb_writer.close()
+            try:
+                print(f'plotted {plot_run(out_dir)}')
+            except SystemExit as e:  # a missing plot is no reason to fail a finished run
+                print(f'warning: no plot: {e}', file=sys.stderr)
     if sample_max_new_tokens > 0:  # every rank runs it: under ZeRO-3 the forward pass gathers weights collectively
         from tokenizer import load_codec
         encode, decode = load_codec(meta_path)
@@ -495,6 +456,10 @@ if tb_writer:
         out = model_engine.module.generate(start, sample_max_new_tokens, temperature=0.8, top_k=200)
         if master_process:
             print('-' * 40 + '\n' + decode(out[0].tolist()) + '\n' + '-' * 40)
+if wandb_run:
+    wandb_run.finish()
+if tb_writer:
+    tb_writer.close()
 
 # gloo can abort at interpreter exit ('terminate called without an active exception') after the work
 # is done, failing the launcher at random: leave the process group, flush, and exit at once instead
