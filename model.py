@@ -6,6 +6,7 @@ so OpenAI's checkpoints load with a transpose of the Conv1D weights and nothing 
 activation is GELU with the tanh approximation, which is what GPT-2 ("gelu_new") uses; with it,
 our logits match transformers' GPT2LMHeadModel on the same weights.
 """
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -238,6 +239,18 @@ def flops_per_token(config, n_params_non_embedding=None):
     N = n_params_non_embedding if n_params_non_embedding is not None else num_params(config, non_embedding=True)
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
     return 6 * N + 12 * L * H * Q * T
+
+
+def pretrained_config(name_or_dir):
+    """The shape of a pretrained GPT-2 without its weights (the dry run plans with it): OpenAI's from the table,
+    a transformers folder's from its config.json."""
+    if name_or_dir in PRETRAINED_SHAPES:
+        n_layer, n_head, n_embd = PRETRAINED_SHAPES[name_or_dir]
+        return GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    with open(os.path.join(name_or_dir, 'config.json')) as f:
+        c = json.load(f)
+    return GPTConfig(block_size=c['n_positions'], vocab_size=c['vocab_size'], n_layer=c['n_layer'],
+                     n_head=c['n_head'], n_embd=c['n_embd'])
 
 
 def is_pretrained_source(init_from):
