@@ -140,13 +140,14 @@ def plan(config, micro_batch, grad_accum, world_size, dtype, ds_zero_config, gpu
 def recommend(config, global_batch, world_size, dtype, ds_zero_config, gpu_mem_bytes):
     """The plan row that fits with micro_batch * grad_accum * world_size == global_batch (sequences per step):
     no offload before offload (the CPU's Adam is slow), ZeRO 0-2 before 3 (which moves 1.5x the data), then the
-    largest micro batch (fewest micro steps), then the lower stage. None when nothing fits."""
+    largest micro batch (fewest micro steps), then the higher of ZeRO 0-2 (the same traffic, more headroom).
+    None when nothing fits."""
     if global_batch % world_size:
         raise ValueError(f'a global batch of {global_batch} sequences does not split over {world_size} ranks')
     per_rank = global_batch // world_size
     rows = [r for m in range(1, per_rank + 1) if per_rank % m == 0
             for r in plan(config, m, per_rank // m, world_size, dtype, ds_zero_config, gpu_mem_bytes) if r['fits']]
-    return min(rows, key=lambda r: (OFFLOADS.index(r['offload']), r['stage'] == 3, -r['micro_batch'], r['stage']),
+    return min(rows, key=lambda r: (OFFLOADS.index(r['offload']), r['stage'] == 3, -r['micro_batch'], -r['stage']),
                default=None)
 
 

@@ -6,17 +6,19 @@
 #   ./run_deepspeed_xl.sh config/my_run.py --max_iters=100  # a config file and overrides, passed through
 #   ./run_deepspeed_xl.sh --hostfile hosts.txt              # several nodes (DeepSpeed hostfile format)
 #   ./run_deepspeed_xl.sh --cpu-demo [--max_iters=500]      # no GPU: the small CPU demo on 2 CPU ranks
+#   ./run_deepspeed_xl.sh --dry-run [--plan_gpu_mem_gb=32]  # what fits per GPU; trains nothing, needs no GPU
 #
-# Options of this script: --cpu-demo, --hostfile FILE, --num_gpus N, --master_port PORT; everything else goes to
+# Options of this script: --cpu-demo, --dry-run, --hostfile FILE, --num_gpus N, --master_port PORT; everything else goes to
 # train_deepspeed.py. Each failed check prints one line and exits non-zero before anything is launched.
 set -euo pipefail
 cd "$(dirname "$0")"
 fail() { echo "error: $*" >&2; exit 1; }
 
-cpu_demo=0; hostfile=""; num_gpus=""; master_port=29500; train_args=()
+cpu_demo=0; dry_run=0; hostfile=""; num_gpus=""; master_port=29500; train_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-demo) cpu_demo=1 ;;
+    --dry-run) dry_run=1 ;;
     --hostfile) [ $# -ge 2 ] || fail "--hostfile needs a file"; hostfile="$2"; shift ;;
     --hostfile=*) hostfile="${1#*=}" ;;
     --num_gpus) [ $# -ge 2 ] || fail "--num_gpus needs a number"; num_gpus="$2"; shift ;;
@@ -59,6 +61,8 @@ else
     selected=$(IFS=','; echo "${wanted[*]:0:${num_gpus:-${#wanted[@]}}}")
     launch=(--include "localhost:$selected")
     gpus_desc="GPUs $selected"; world=$(( ${num_gpus:-${#wanted[@]}} ))
+  elif [ "$physical_gpus" = 0 ] && [ "$dry_run" = 1 ]; then
+    world="${num_gpus:-4}"; gpus_desc="$world GPU(s), planned (none here; --num_gpus N plans for N)"
   elif [ "$physical_gpus" = 0 ]; then
     echo "No GPU visible on this machine: the GPT-2 XL run needs GPUs."
     echo "The same trainer runs for real on CPU: ./run_deepspeed_xl.sh --cpu-demo (a small GPT on 2 CPU ranks, a few minutes)."
@@ -110,6 +114,11 @@ echo "model:       $init_from"
 echo "GPUs:        $gpus_desc"
 echo "batch:       train_batch_size = $micro (micro batch) x $accum (accumulation) x $world (world size)"
 echo "data:        $data_dir    DeepSpeed config: $ds_config    out_dir: $out_dir ($free_gb GB free, ~$need_gb GB per checkpoint)"
+if [ "$dry_run" = 1 ]; then
+  [[ "$world" =~ ^[0-9]+$ ]] || fail "--dry-run plans for one node: give --num_gpus N instead of --hostfile"
+  echo "running:     python train_deepspeed.py --dry_run=True --plan_gpus=$world ${train_args[*]}"
+  exec python train_deepspeed.py --dry_run=True --plan_gpus="$world" "${train_args[@]}"
+fi
 echo "running:     deepspeed ${launch[*]} --master_port $master_port train_deepspeed.py ${train_args[*]}"
 env -u CUDA_VISIBLE_DEVICES deepspeed "${launch[@]}" --master_port "$master_port" train_deepspeed.py "${train_args[@]}"
 echo "checkpoints: $out_dir ($(cat "$out_dir/latest" 2>/dev/null || echo none) is the newest; resume with --init_from=resume)"

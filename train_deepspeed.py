@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source
+from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source, pretrained_config
 from perf import PHASES, PhaseTimer, gpu_peak_flops, measured_cpu_flops, memory_mb, write_run_json
 
 # -----------------------------------------------------------------------------
@@ -40,6 +40,10 @@ wandb_project = 'nanogpt-deepspeed'
 wandb_run_name = ''  # empty: wandb picks one; a resumed run continues its checkpoint's wandb run
 tensorboard_log = False  # also log to out_dir/tensorboard
 plot = False  # at the end, draw out_dir/loss.png (plot.py)
+# dry run: plain `python train_deepspeed.py ... --dry_run=True`; builds nothing, loads no weights, writes nothing
+dry_run = False  # print the batch, the parameter count and the memory plan per GPU for ZeRO 0-3, then exit
+plan_gpus = 0  # plan for this many GPUs (0: the launcher's world size)
+plan_gpu_mem_gb = 0.0  # GiB per GPU to fit in (0: the visible GPU's); gives a recommended stage and micro batch
 eval_iters = 20  # batches per split per rank at each eval
 eval_only = False  # evaluate once, print every rank's view of the result, exit
 always_save_checkpoint = False  # save at every eval, not only when val loss improves
@@ -113,10 +117,12 @@ if dtype == 'auto':
     config['dtype'] = dtype
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'float16' or 'auto'")
-if dtype == 'float16' and not on_gpu:
+if dtype == 'float16' and not on_gpu and not dry_run:  # planning for GPUs elsewhere may name it
     die("dtype='float16' needs a GPU (DeepSpeed has no fp16 on CPU): use --dtype=bfloat16 or --dtype=float32")
 
-world_size = int(os.environ['WORLD_SIZE'])
+world_size = plan_gpus if dry_run and plan_gpus > 0 else int(os.environ['WORLD_SIZE'])
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+rank = int(os.environ['RANK'])
 try:
     ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps, world_size,
                                          grad_clip, dtype)
@@ -124,15 +130,12 @@ except ValueError as e:
     die(str(e))
 config['zero_stage'] = stage
 
-rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, local_rank)
-master_process = rank == 0
 if on_gpu:
     accelerator.set_device(local_rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 device = accelerator.device_name(local_rank) if on_gpu else 'cpu'
 torch.manual_seed(seed)  # the same on every rank: a scratch model starts identical everywhere
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
 # -----------------------------------------------------------------------------
 # data: random windows from a memmap; each rank draws from its own seeded generator
@@ -159,6 +162,47 @@ meta_vocab_size = None
 if os.path.exists(meta_path):
     with open(meta_path, 'rb') as f:
         meta_vocab_size = pickle.load(f)['vocab_size']
+
+if dry_run:  # the plan, from the shape alone: a meta-device model (no weights, no memory), no process group
+    import memory_plan
+    if init_from == 'scratch':
+        shape = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                          dropout=dropout, vocab_size=meta_vocab_size or 50304)
+    elif is_pretrained_source(init_from):
+        shape = pretrained_config(init_from)
+        shape.block_size, shape.dropout = min(block_size, shape.block_size), dropout
+    else:
+        die(f'dry_run plans a start from scratch or a pretrained model, not init_from={init_from!r}')
+    with torch.device('meta'):
+        n_params = sum(p.numel() for p in GPT(shape).parameters())
+    gpu_mem = plan_gpu_mem_gb * 2**30 or (torch.cuda.get_device_properties(local_rank).total_memory if on_gpu else None)
+    print(f'dry run: {init_from}, {n_params:,} parameters ({shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} '
+          f'wide, context {shape.block_size}, vocab {shape.vocab_size}), {dtype}, ZeRO-{stage} in {deepspeed_config}')
+    print(f'world size {world_size}' + (' (plan_gpus)' if plan_gpus > 0 else '') + f'; train_batch_size = '
+          f'{batch_size} (micro) x {gradient_accumulation_steps} (accumulation) x {world_size} (world) = '
+          f"{ds_config['train_batch_size']} sequences, {tokens_per_iter:,} tokens per iter")
+    print(memory_plan.format_plan(memory_plan.plan(shape, batch_size, gradient_accumulation_steps, world_size, dtype,
+                                                   ds_config, gpu_mem)))
+    if gpu_mem:
+        best = memory_plan.recommend(shape, ds_config['train_batch_size'], world_size, dtype, ds_config, gpu_mem)
+        print(f"recommended for {gpu_mem / 2**30:.1f} GiB per GPU and {ds_config['train_batch_size']} sequences per step: "
+              + (f"ZeRO-{best['stage']}" + (f" with {best['offload']} offload" if best['offload'] != 'none' else '')
+                 + (f' (zero_optimization in {deepspeed_config} says {stage})' if best['stage'] != stage else '')
+                 + f" --batch_size={best['micro_batch']} --gradient_accumulation_steps={best['grad_accum']} "
+                 f"({best['total_gib']:.1f} GiB)" if best else 'nothing fits: more GPUs, a shorter block_size or a smaller model'))
+    if not on_gpu and not plan_gpus and not plan_gpu_mem_gb:  # for this machine's own CPU ranks: the run's row on
+        # top of this process's runtime (torch, DeepSpeed and what they import)
+        own = next(r for r in memory_plan.plan(shape, batch_size, gradient_accumulation_steps, world_size, dtype,
+                                               ds_config, resident=True) if r['stage'] == stage and r['offload'] == 'none')
+        import torch._dynamo  # noqa: F401  deepspeed.initialize imports it on first use: ~70 MB of code per rank
+        runtime_gib = memory_mb(False)['rss_mb'] / 1024
+        print(f"CPU ranks here: about {runtime_gib + own['total_gib']:.2f} GiB resident per rank ({runtime_gib:.2f} "
+              f"runtime + {own['total_gib']:.2f} ZeRO-{stage} plan, buckets counted as far as they fill)")
+    sys.stdout.flush()
+    os._exit(0)
+
+rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, local_rank)
+master_process = rank == 0
 
 # -----------------------------------------------------------------------------
 # model

@@ -27,6 +27,15 @@ def test_no_gpu_offers_the_cpu_demo():
     assert 'No GPU visible' in proc.stdout and './run_deepspeed_xl.sh --cpu-demo' in proc.stdout
 
 
+def test_dry_run_plans_without_a_gpu(tmp_path):
+    proc = sh('--dry-run', '--num_gpus', '8', '--plan_gpu_mem_gb=24', '--dtype=bfloat16', '--batch_size=2',
+              '--gradient_accumulation_steps=8', f'--out_dir={tmp_path / "out"}')
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert '8 GPU(s), planned' in proc.stdout and '2 (micro) x 8 (accumulation) x 8 (world) = 128 sequences' in proc.stdout
+    assert 'recommended for 24.0 GiB per GPU and 128 sequences per step' in proc.stdout
+    assert not (tmp_path / 'out').exists()
+
+
 def test_cuda_visible_devices_naming_missing_gpus():
     proc = sh(environ=dict(env(), CUDA_VISIBLE_DEVICES='0,1'))
     assert 'CUDA_VISIBLE_DEVICES names GPU 0 but this machine has no GPU' in error_line(proc)

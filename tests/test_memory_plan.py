@@ -145,8 +145,8 @@ def test_recommend_keeps_the_global_batch_and_fits(gpu_gib):
     if best['micro_batch'] < 32:  # and the largest micro batch that fits in that class
         bigger = mp.plan(XL, 2 * best['micro_batch'], 0, 4, 'float16', z2, gpu_gib * mp.GIB)
         assert not any(r['fits'] for r in bigger if rank(r) == rank(best))
-    same = mp.plan(XL, best['micro_batch'], 0, 4, 'float16', z2, gpu_gib * mp.GIB)  # and the lowest stage of those
-    assert not any(r['fits'] for r in same if rank(r) == rank(best) and r['stage'] < best['stage'])
+    same = mp.plan(XL, best['micro_batch'], 0, 4, 'float16', z2, gpu_gib * mp.GIB)  # and the highest stage of those
+    assert not any(r['fits'] for r in same if rank(r) == rank(best) and r['stage'] > best['stage'])
 
 
 def test_recommend_gives_up_on_a_tiny_gpu_and_refuses_an_uneven_batch():

@@ -77,3 +77,32 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert 'iter 2: loss' in shown  # the log lines still appear, above the bar
     plain = in_a_terminal([*args, f'--out_dir={tmp_path / "b"}', '--progress=False'])
     assert not re.search(r'\d/3 \[', plain) and 'iter 2: loss' in plain
+
+
+def dry_run(*args):
+    return subprocess.run([os.path.join(BIN, 'python'), 'train_deepspeed.py', '--dry_run=True', *args], cwd=REPO, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+
+
+def test_dry_run_plans_gpt2_xl_on_four_gpus_from_here(tmp_path):
+    """Plain python, no launcher, no GPU, no weights: the exact parameter count, the batch identity, a row per
+    ZeRO stage and offload, and a recommendation that keeps the global batch. Nothing is written."""
+    args = ['--plan_gpus=4', '--dtype=float16', f'--out_dir={tmp_path / "out"}']
+    proc = ok(dry_run(*args, '--plan_gpu_mem_gb=32'))
+    assert '1,557,611,200 parameters' in proc.stdout and '1 (micro) x 32 (accumulation) x 4 (world) = 128 sequences' in proc.stdout
+    rows = re.findall(r'^\s+([0-3])\s+(none|optimizer|optimizer\+params)\s+1 x 32\s+([\d.]+\s+){5}(yes|NO)$', proc.stdout, re.M)
+    assert len(rows) == 8 and rows[0][3] == 'NO' and rows[3][:2] == ('2', 'none') and rows[3][3] == 'yes'
+    micro, accum = map(int, re.search(r'recommended .*--batch_size=(\d+) --gradient_accumulation_steps=(\d+)', proc.stdout).groups())
+    assert micro * accum * 4 == 128
+    assert not (tmp_path / 'out').exists() and 'shm_comm' not in proc.stdout  # no process group, nothing written
+    assert 'nothing fits' in ok(dry_run(*args, '--plan_gpu_mem_gb=2')).stdout
+
+
+def test_dry_run_predicts_the_cpu_demo_memory(tmp_path):
+    """The plan for this machine's own CPU ranks (the demo's ZeRO-2 row over the measured runtime) against the
+    peak resident memory the real 2-rank demo reaches: within 25%."""
+    demo = ['config/train_shakespeare_char_cpu.py', f'--out_dir={tmp_path / "out"}']
+    predicted = float(re.search(r'about ([\d.]+) GiB resident per rank', ok(dry_run(*demo)).stdout).group(1))
+    ok(launch([*demo, '--max_iters=30', '--eval_interval=30', '--log_interval=10', '--sample_max_new_tokens=0']))
+    measured = max(r['peak_rss_mb'] for r in metrics(tmp_path / 'out') if 'peak_rss_mb' in r) / 1024
+    assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured)
