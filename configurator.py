@@ -37,6 +37,8 @@ def parse_overrides(argv, defaults):
             value = ast.literal_eval(raw)
         except (SyntaxError, ValueError):
             value = raw
+        if isinstance(defaults.get(key), str) and not isinstance(value, str):
+            value = raw  # a text setting takes the text as written: --stages=0,2 is '0,2', not a tuple
         out[key] = _check(key, value, defaults, arg)
     return out
 

@@ -22,7 +22,9 @@ def test_types_are_checked():
     assert type(parse_overrides(['--learning_rate=1'], DEFAULTS)['learning_rate']) is float
     assert parse_overrides(['--decay_lr=False'], DEFAULTS) == {'decay_lr': False}
     assert parse_overrides(["--dtype='bfloat16'"], DEFAULTS) == {'dtype': 'bfloat16'}
-    for bad in ('--batch_size=1.5', '--decay_lr=1', '--batch_size=four', '--learning_rate=True', '--dataset=3'):
+    # a text setting takes the text as written, whatever it would parse as
+    assert parse_overrides(['--dataset=3', '--init_from=0,2'], {**DEFAULTS, 'init_from': 'x'}) == {'dataset': '3', 'init_from': '0,2'}
+    for bad in ('--batch_size=1.5', '--decay_lr=1', '--batch_size=four', '--learning_rate=True', "--batch_size='3'"):
         with pytest.raises(ValueError, match='expected'):
             parse_overrides([bad], DEFAULTS)
 

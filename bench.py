@@ -1,0 +1,152 @@
+"""
+Throughput of the same model, data and global batch: a plain PyTorch loop (one process) against the real
+trainer on the DeepSpeed engine with ZeRO 0, 2 and 3, on 1 and 2 ranks, side by side.
+$ python bench.py                                  # CPU: a small GPT; 2 CPU ranks share this machine's cores
+$ python bench.py --n_layer=12 --n_embd=768 --block_size=1024 --dtype=bfloat16 --json=bench.json
+$ python bench.py --gpu_shapes=True                # on GPUs: also gpt2 (124M) and gpt2-xl shapes at block 1024
+Rows: name, tokens_per_s (global), mfu, ratio_vs_plain. The DeepSpeed rows are train_deepspeed.py itself, launched
+by the deepspeed launcher, timed from its own metrics.jsonl; 'no phase timers' measures what time_phases costs.
+"""
+import json as jsonlib  # the name json is the --json option below
+import os
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
+from perf import gpu_peak_flops, measured_cpu_flops
+
+# -----------------------------------------------------------------------------
+n_layer, n_head, n_embd, block_size = 4, 4, 256, 128
+batch_size = 8  # micro batch per rank
+global_batch = 32  # sequences per optimizer step, the same for every row: GA = global_batch / (batch_size x ranks)
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+dataset = 'shakespeare_char'
+iters = 20  # timed optimizer steps per row, after warmup_iters untimed ones
+warmup_iters = 3
+repeats = 2  # rounds over all rows, interleaved; each row keeps its best round (a shared machine's noise only slows)
+stages = '0,2,3'
+worlds = '1,2'  # rank counts for the DeepSpeed rows (GPUs, or CPU processes sharing the cores)
+gpu_shapes = False  # also gpt2 and gpt2-xl at block 1024 (a GPU with the memory for them)
+json = ''  # a file to write the rows to, as JSON
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+
+configure(globals())
+HERE = os.path.dirname(os.path.abspath(__file__))
+on_gpu = torch.cuda.is_available()
+device = 'cuda' if on_gpu else 'cpu'
+
+
+def batches():
+    data = np.memmap(os.path.join(HERE, 'data', dataset, 'train.bin'), dtype=np.uint16, mode='r')
+    rng = np.random.default_rng(0)
+    while True:
+        ix = rng.integers(0, len(data) - block_size, size=batch_size)
+        x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+        yield x.to(device), y.to(device)
+
+
+def plain(shape, accumulation):
+    """nanoGPT's loop: autocast for 16-bit, AdamW, clipping, a loss.item() every step as the trainer logs it."""
+    torch.manual_seed(0)
+    model = GPT(shape).to(device)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
+    ctx = torch.autocast(device, dtype=getattr(torch, dtype)) if dtype != 'float32' else torch.autocast(device, enabled=False)
+    data = batches()
+    times = []
+    for it in range(warmup_iters + iters):
+        t0 = time.perf_counter()
+        for _ in range(accumulation):
+            x, y = next(data)
+            with ctx:
+                _, loss = model(x, y)
+            (loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[warmup_iters:])
+
+
+def deepspeed_run(shape, stage, ranks, accumulation, workdir, extra=()):
+    """train_deepspeed.py on `ranks` ranks; the median of its logged per-iter times after warmup."""
+    cfg = jsonlib.load(open(os.path.join(HERE, 'ds_config_zero2.json' if stage < 3 else 'ds_config_zero3.json')))
+    cfg['zero_optimization'] = {**cfg.get('zero_optimization', {}), 'stage': stage} if stage else {'stage': 0}
+    config_path = os.path.join(workdir, f'zero{stage}.json')
+    jsonlib.dump(cfg, open(config_path, 'w'))
+    out = os.path.join(workdir, f'out-{stage}-{ranks}-{len(extra)}')
+    cmd = [os.path.join(os.path.dirname(sys.executable), 'deepspeed'), '--num_gpus', str(ranks), 'train_deepspeed.py',
+           '--init_from=scratch', f'--n_layer={shape.n_layer}', f'--n_head={shape.n_head}', f'--n_embd={shape.n_embd}',
+           f'--block_size={shape.block_size}', f'--batch_size={batch_size}', f'--gradient_accumulation_steps={accumulation}',
+           f'--dataset={dataset}', f'--dtype={dtype}', f'--deepspeed_config={config_path}', f'--out_dir={out}',
+           f'--max_iters={warmup_iters + iters}', f'--eval_interval={10 ** 9}', '--eval_iters=1', '--log_interval=1',
+           '--warmup_iters=0', '--progress=False', f'--peak_flops={peak}', *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.run(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f'error: {" ".join(cmd)} failed:\n{proc.stdout[-3000:]}')
+    records = [jsonlib.loads(line) for line in open(os.path.join(out, 'metrics.jsonl'))]
+    times = [r['dt_ms'] / 1e3 for r in records if 'dt_ms' in r and r['iter'] >= warmup_iters]
+    shutil.rmtree(out, ignore_errors=True)  # the checkpoint is not what we came for
+    return statistics.median(times)
+
+
+meta = os.path.join(HERE, 'data', dataset, 'meta.pkl')  # the trainer's vocabulary: the dataset's, or GPT-2's padded
+vocab_size = pickle.load(open(meta, 'rb'))['vocab_size'] if os.path.exists(meta) else 50304
+shapes = {'bench': GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)}
+if gpu_shapes and on_gpu:
+    for name in ('gpt2', 'gpt2-xl'):
+        L, H, D = PRETRAINED_SHAPES[name]
+        shapes[name] = GPTConfig(n_layer=L, n_head=H, n_embd=D, block_size=1024, vocab_size=50304)
+if on_gpu:
+    peak = gpu_peak_flops(torch.cuda.get_device_name(), dtype) or 0.0
+    peak_note = f'{torch.cuda.get_device_name()} data sheet' if peak else 'unknown GPU: MFU not shown'
+else:  # per rank, with the threads a rank gets; the plain loop's MFU uses the whole-machine figure
+    peak, peak_note = measured_cpu_flops(dtype), 'a matmul timed here, all cores'
+rows = []
+with tempfile.TemporaryDirectory() as workdir:
+    for label, shape in shapes.items():
+        if global_batch % batch_size:
+            raise SystemExit(f'error: global_batch={global_batch} is not a multiple of batch_size={batch_size}')
+        tokens = global_batch * block_size if label == 'bench' else global_batch * shape.block_size
+        fpt = flops_per_token(shape)
+        runs = [('plain PyTorch, 1 process', lambda: plain(shape, global_batch // batch_size), 1)]
+        for ranks in map(int, worlds.split(',')):
+            if global_batch % (batch_size * ranks):
+                raise SystemExit(f'error: global_batch={global_batch} does not split into micro batches of {batch_size} '
+                                 f'over {ranks} ranks')
+            accumulation = global_batch // (batch_size * ranks)
+            for stage in map(int, stages.split(',')):
+                runs.append((f'DeepSpeed ZeRO-{stage}, {ranks} rank{"s" * (ranks > 1)}',
+                             lambda s=stage, r=ranks, a=accumulation: deepspeed_run(shape, s, r, a, workdir), ranks))
+                if stage == 2 and ranks == 1:
+                    runs.append(('DeepSpeed ZeRO-2, 1 rank, no phase timers', lambda a=accumulation: deepspeed_run(
+                        shape, 2, 1, a, workdir, ('--time_phases=False',)), 1))
+        best = [0.0] * len(runs)
+        for round_ in range(repeats):
+            for i, (name, measure, ranks) in enumerate(runs):
+                best[i] = max(best[i], tokens / measure())
+                print(f'round {round_ + 1}/{repeats}: {name}: best so far {best[i]:,.0f} tok/s',
+                      file=sys.stderr, flush=True)
+        for (name, _, ranks), tps in zip(runs, best):
+            devices = ranks if on_gpu else 1  # MFU over the devices in use; CPU ranks share one machine's peak
+            rows.append(dict(name=f'{label}: {name}' if len(shapes) > 1 else name, tokens_per_s=tps,
+                             mfu=fpt * tps / (devices * peak) if peak else None, ratio_vs_plain=tps / best[0]))
+            print(f"{rows[-1]['name']:<48} {tps:>12,.0f} tok/s  MFU {rows[-1]['mfu'] or 0:6.1%}  "
+                  f"{rows[-1]['ratio_vs_plain']:.3f}x plain", flush=True)
+
+print(f'\n{len(rows)} rows; {dtype}; micro batch {batch_size}, {global_batch} sequences of {block_size} per step; '
+      f'median of {iters} iters after {warmup_iters}, best of {repeats} rounds; peak: {peak / 1e12:.3g} TFLOP/s ({peak_note})')
+if json:
+    with open(json, 'w') as f:
+        jsonlib.dump(rows, f, indent=1)
