@@ -166,3 +166,26 @@ def format_plan(rows, title=''):
         lines.append(f"{r['stage']:>4}  {r['offload']:<16} {steps:>10} {sizes}  {fits}")
     lines.append(f'{unit} per GPU; not counted: CUDA context, NCCL workspaces, allocator fragmentation: leave a margin')
     return '\n'.join(lines)
+
+
+def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage, config_path, gpu_mem_bytes=None,
+           cpu_runtime_gib=None):
+    """The dry run's text: the table, a recommendation when the GPU's size is known, and for a run on this
+    machine's CPU ranks (cpu_runtime_gib: what a rank holds before any model) the resident memory per rank."""
+    lines = [format_plan(plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, gpu_mem_bytes))]
+    global_batch = micro_batch * grad_accum * world_size
+    if gpu_mem_bytes:
+        best = recommend(config, global_batch, world_size, dtype, ds_config, gpu_mem_bytes)
+        advice = 'nothing fits: more GPUs, a shorter block_size or a smaller model' if best is None else (
+            f"ZeRO-{best['stage']}" + (f" with {best['offload']} offload" if best['offload'] != 'none' else '')
+            + (f' (zero_optimization in {config_path} says {stage})' if best['stage'] != stage else '')
+            + f" --batch_size={best['micro_batch']} --gradient_accumulation_steps={best['grad_accum']} "
+              f"({best['total_gib']:.1f} GiB)")
+        lines.append(f'recommended for {gpu_mem_bytes / GIB:.1f} GiB per GPU and {global_batch} sequences per step: {advice}')
+    if cpu_runtime_gib is not None:  # CPU ranks write only what their buckets hold: count them that far
+        own = next(r for r in plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, resident=True)
+                   if r['stage'] == stage and r['offload'] == 'none')
+        lines.append(f"CPU ranks here: about {cpu_runtime_gib + own['total_gib']:.2f} GiB resident per rank "
+                     f"({cpu_runtime_gib:.2f} runtime + {own['total_gib']:.2f} ZeRO-{stage} plan, buckets counted as far "
+                     f'as they fill)')
+    return '\n'.join(lines)

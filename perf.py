@@ -49,6 +49,29 @@ def measured_cpu_flops(dtype, seconds=0.5, n=512):
 PHASES = ('data', 'forward', 'backward', 'step', 'other')  # the order log lines show them in
 
 
+def device_peak_flops(given, dtype, gpu_name=None):
+    """(peak FLOP/s of one device, where it came from), 0.0 when unknown. Collective on CPU: every rank times
+    its matmul at once, sharing the cores as it will in training, and all take the mean."""
+    if given > 0:
+        return given, 'given as peak_flops'
+    if gpu_name:
+        return gpu_peak_flops(gpu_name, dtype) or 0.0, 'data sheet'
+    import torch.distributed as dist
+    peak = torch.tensor(measured_cpu_flops(dtype), dtype=torch.float64)
+    dist.all_reduce(peak)
+    return peak.item() / dist.get_world_size(), 'a matmul timed at start'
+
+
+def log_line(r):
+    """Rank 0's line for a metrics record."""
+    shares = [f"{p} {r[p + '_frac'] * 100:.0f}%" for p in PHASES if p + '_frac' in r]
+    return (f"iter {r['iter']}: loss {r['loss']:.4f}, lr {r['lr']:.3e}, time {r['dt_ms']:.2f}ms, {r['tokens_per_s']:,.0f} tok/s"
+            + (f", MFU {r['mfu'] * 100:.1f}%" if 'mfu' in r else '') + (f" ({' '.join(shares)})" if shares else '')
+            + (f", GPU {r['gpu_alloc_mb'] / 1024:.1f}/{r['gpu_reserved_mb'] / 1024:.1f} GB" if 'gpu_alloc_mb' in r else '')
+            + f", RSS {r['rss_mb'] / 1024:.2f} GB"
+            + (f", loss scale {r['loss_scale']:g} ({r['skipped_steps']} skipped)" if 'loss_scale' in r else ''))
+
+
 class PhaseTimer:
     """Where an iteration's time goes. mark(phase) gives the time since the previous mark to `phase`. On a GPU
     the marks are CUDA events, read at the log interval after the loss sync has drained the queue, so the

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source, pretrained_config
-from perf import PHASES, PhaseTimer, gpu_peak_flops, measured_cpu_flops, memory_mb, write_run_json
+from perf import PhaseTimer, device_peak_flops, log_line, memory_mb, write_run_json
 
 # -----------------------------------------------------------------------------
 # defaults: gpt2-xl on Shakespeare, 4x V100-32GB, ZeRO-2 fp16 (~303 ms/iter, 15-16 GB per GPU)
@@ -181,23 +181,12 @@ if dry_run:  # the plan, from the shape alone: a meta-device model (no weights, 
     print(f'world size {world_size}' + (' (plan_gpus)' if plan_gpus > 0 else '') + f'; train_batch_size = '
           f'{batch_size} (micro) x {gradient_accumulation_steps} (accumulation) x {world_size} (world) = '
           f"{ds_config['train_batch_size']} sequences, {tokens_per_iter:,} tokens per iter")
-    print(memory_plan.format_plan(memory_plan.plan(shape, batch_size, gradient_accumulation_steps, world_size, dtype,
-                                                   ds_config, gpu_mem)))
-    if gpu_mem:
-        best = memory_plan.recommend(shape, ds_config['train_batch_size'], world_size, dtype, ds_config, gpu_mem)
-        print(f"recommended for {gpu_mem / 2**30:.1f} GiB per GPU and {ds_config['train_batch_size']} sequences per step: "
-              + (f"ZeRO-{best['stage']}" + (f" with {best['offload']} offload" if best['offload'] != 'none' else '')
-                 + (f' (zero_optimization in {deepspeed_config} says {stage})' if best['stage'] != stage else '')
-                 + f" --batch_size={best['micro_batch']} --gradient_accumulation_steps={best['grad_accum']} "
-                 f"({best['total_gib']:.1f} GiB)" if best else 'nothing fits: more GPUs, a shorter block_size or a smaller model'))
-    if not on_gpu and not plan_gpus and not plan_gpu_mem_gb:  # for this machine's own CPU ranks: the run's row on
-        # top of this process's runtime (torch, DeepSpeed and what they import)
-        own = next(r for r in memory_plan.plan(shape, batch_size, gradient_accumulation_steps, world_size, dtype,
-                                               ds_config, resident=True) if r['stage'] == stage and r['offload'] == 'none')
+    cpu_runtime_gib = None
+    if not on_gpu and not plan_gpus and not plan_gpu_mem_gb:  # planning this machine's own CPU ranks
         import torch._dynamo  # noqa: F401  deepspeed.initialize imports it on first use: ~70 MB of code per rank
-        runtime_gib = memory_mb(False)['rss_mb'] / 1024
-        print(f"CPU ranks here: about {runtime_gib + own['total_gib']:.2f} GiB resident per rank ({runtime_gib:.2f} "
-              f"runtime + {own['total_gib']:.2f} ZeRO-{stage} plan, buckets counted as far as they fill)")
+        cpu_runtime_gib = memory_mb(False)['rss_mb'] / 1024  # torch, DeepSpeed and what they import
+    print(memory_plan.report(shape, batch_size, gradient_accumulation_steps, world_size, dtype, ds_config, stage,
+                             deepspeed_config, gpu_mem, cpu_runtime_gib))
     sys.stdout.flush()
     os._exit(0)
 
@@ -286,14 +275,7 @@ resumed_at = iter_num if init_from == 'resume' else None
 
 # MFU = model FLOPs per token (model.py, computed once) x tokens/s, over the peak of all devices in the run
 model_flops_per_token = flops_per_token(GPTConfig(**{**model_args, 'block_size': block_size}))
-if peak_flops > 0:
-    peak_source = 'given as peak_flops'
-elif on_gpu:
-    peak_flops, peak_source = gpu_peak_flops(torch.cuda.get_device_name(local_rank), dtype) or 0.0, 'data sheet'
-else:  # all ranks at once, sharing the cores as they will in training
-    peak = torch.tensor(measured_cpu_flops(dtype), dtype=torch.float64)
-    dist.all_reduce(peak)
-    peak_flops, peak_source = peak.item() / world_size, 'a matmul timed at start'
+peak_flops, peak_source = device_peak_flops(peak_flops, dtype, torch.cuda.get_device_name(local_rank) if on_gpu else None)
 devices = [None] * world_size
 dist.all_gather_object(devices, f'{socket.gethostname()}: ' + (torch.cuda.get_device_name(local_rank) if on_gpu else 'cpu'))
 
@@ -468,12 +450,7 @@ while True:
         shares = timer.fractions() if timer else {}
         record.update({f'{phase}_frac': share for phase, share in shares.items()})
         if master_process:
-            say(f'iter {iter_num - 1}: loss {lossf:.4f}, lr {lr:.3e}, time {dt_ms:.2f}ms, {tokens_per_s:,.0f} tok/s'
-                + (f", MFU {record['mfu'] * 100:.1f}%" if peak_flops else '')
-                + (' (' + ' '.join(f'{p} {shares[p] * 100:.0f}%' for p in PHASES if p in shares) + ')' if shares else '')
-                + (f", GPU {record['gpu_alloc_mb'] / 1024:.1f}/{record['gpu_reserved_mb'] / 1024:.1f} GB" if on_gpu else '')
-                + f", RSS {record['rss_mb'] / 1024:.2f} GB"
-                + (f", loss scale {record['loss_scale']:g} ({record['skipped_steps']} skipped)" if dtype == 'float16' else ''))
+            say(log_line(record))
             if bar:
                 bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f'{tokens_per_s:,.0f}', refresh=False)
         log_record(record)
