@@ -291,6 +291,8 @@ if master_process:
           f'{accelerator.device_name()} ({dist.get_backend()}); train_batch_size = {batch_size} x '
           f'{gradient_accumulation_steps} x {world_size} = {ds_config["train_batch_size"]} sequences, '
           f'{tokens_per_iter:,} tokens per iter' + (f'; resumed at iter {iter_num} from {tag_dir}' if resumed_at is not None else ''))
+    if world_size == 1 and stage > 0:  # docs/performance.md: ZeRO-2 measured 0.89x the plain loop on one CPU rank
+        print(f'note: ZeRO-{stage} on one rank partitions nothing and costs time; a JSON with "stage": 0 is faster')
     print(f'MFU against {peak_flops / 1e12:.3g} TFLOP/s per device ({peak_source}, {dtype})' if peak_flops else
           f'MFU not shown: no peak known for {devices[0]} in {dtype}; give --peak_flops=<FLOP/s of one device>')
 

@@ -1,0 +1,44 @@
+"""perf.py's pure parts: the peak table's matching, the phase timer's bookkeeping, the log line."""
+import time
+
+import pytest
+
+from perf import PhaseTimer, gpu_peak_flops, log_line
+
+
+@pytest.mark.parametrize('name,dtype,tflops', [
+    ('Tesla V100-SXM2-32GB', 'float16', 125), ('Tesla V100-PCIE-32GB', 'bfloat16', None),
+    ('NVIDIA A100-SXM4-80GB', 'bfloat16', 312), ('NVIDIA A100-PCIE-40GB', 'float32', 156),
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989), ('NVIDIA H100 PCIe', 'bfloat16', 756), ('NVIDIA H200', 'float16', 989),
+    ('NVIDIA A10', 'bfloat16', 125), ('NVIDIA A10G', 'bfloat16', None), ('NVIDIA L4', 'float16', 121),
+    ('NVIDIA L40S', 'bfloat16', None), ('NVIDIA GeForce RTX 4090', 'bfloat16', 165),
+    ('NVIDIA GeForce RTX 3090', 'float16', 71), ('Some Future GPU', 'bfloat16', None)])
+def test_peak_table_matches_whole_names(name, dtype, tflops):
+    """A10 must not claim an A100 or an A10G, H100 PCIe must not take the SXM figure; unknown means None."""
+    assert gpu_peak_flops(name, dtype) == (tflops * 1e12 if tflops else None)
+
+
+def test_phase_timer_shares_add_up_and_restart_forgets():
+    timer = PhaseTimer(use_events=False)
+    timer.restart()
+    time.sleep(0.05)
+    timer.mark('data')
+    time.sleep(0.15)
+    timer.mark('backward')
+    shares = timer.fractions()
+    assert set(shares) == {'data', 'backward'} and abs(sum(shares.values()) - 1) < 1e-9
+    assert 0.15 < shares['data'] < 0.35  # 0.05 of 0.2
+    time.sleep(0.1)  # an eval: restart() drops it
+    timer.restart()
+    time.sleep(0.02)
+    timer.mark('step')
+    assert timer.fractions() == {'step': 1.0}
+
+
+def test_log_line_shows_what_the_record_has():
+    r = {'iter': 7, 'loss': 2.5, 'lr': 1e-3, 'dt_ms': 100.0, 'tokens_per_s': 20480.0, 'rss_mb': 2048.0}
+    assert log_line(r) == 'iter 7: loss 2.5000, lr 1.000e-03, time 100.00ms, 20,480 tok/s, RSS 2.00 GB'
+    r.update(mfu=0.412, gpu_alloc_mb=15360.0, gpu_reserved_mb=16384.0, loss_scale=65536.0, skipped_steps=2,
+             data_frac=0.01, forward_frac=0.3, backward_frac=0.6, step_frac=0.09)
+    assert log_line(r) == ('iter 7: loss 2.5000, lr 1.000e-03, time 100.00ms, 20,480 tok/s, MFU 41.2% (data 1% forward '
+                           '30% backward 60% step 9%), GPU 15.0/16.0 GB, RSS 2.00 GB, loss scale 65536 (2 skipped)')
