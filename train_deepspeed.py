@@ -350,10 +350,22 @@ def estimate_loss():
     return out
 
 
+def swap_in(partial, tag_dir):
+    """Put a finished save in place of an older one of its tag, then point 'latest' at it, each step a rename."""
+    if os.path.isdir(tag_dir):
+        os.replace(tag_dir, tag_dir + '.old')
+    os.replace(partial, tag_dir)
+    shutil.rmtree(tag_dir + '.old', ignore_errors=True)
+    with open(os.path.join(out_dir, 'latest.tmp'), 'w') as f:
+        f.write(os.path.basename(tag_dir))
+    os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
+
+
 def save(tag):
     """Every rank writes its shards, rank 0 also the client state with all ranks' RNG streams, into <tag>.partial;
-    then rank 0 swaps it in for an older <tag> and points 'latest' at it. So a kill mid-save, or a save by another
-    number of ranks over an older tag, never leaves a folder of mixed shards behind."""
+    then rank 0 (and the first rank of a node with a disk of its own) swaps it in for an older <tag> and points
+    'latest' at it. So a kill mid-save, or a save by another number of ranks over an older tag, never leaves a
+    folder of mixed shards behind."""
     rng = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
            'cuda': torch.cuda.get_rng_state() if on_gpu else None, 'batch': batch_rng.bit_generator.state}
     rng_states = [None] * world_size
@@ -361,20 +373,17 @@ def save(tag):
     client = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, model_args=model_args,
                   rng_states=rng_states, wandb_run_id=wandb_run.id if wandb_run else None)
     tag_dir, partial = os.path.join(out_dir, tag), os.path.join(out_dir, tag + '.partial')
-    if master_process and os.path.isdir(partial):
-        shutil.rmtree(partial)  # the remains of a killed save
+    if local_rank == 0 and os.path.isdir(partial):
+        shutil.rmtree(partial, ignore_errors=True)  # the remains of a killed save
     dist.barrier()
     model_engine.save_checkpoint(out_dir, tag=tag + '.partial', client_state=client, save_latest=False)
     dist.barrier()
     if master_process:
-        if os.path.isdir(tag_dir):
-            os.replace(tag_dir, tag_dir + '.old')
-        os.replace(partial, tag_dir)
-        shutil.rmtree(tag_dir + '.old', ignore_errors=True)
-        with open(os.path.join(out_dir, 'latest.tmp'), 'w') as f:
-            f.write(tag)
-        os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
+        swap_in(partial, tag_dir)
         print(f'saved checkpoint {tag_dir}')
+    dist.barrier()
+    if local_rank == 0 and os.path.isdir(partial):  # another node whose out_dir is its own disk, not rank 0's
+        swap_in(partial, tag_dir)
     dist.barrier()  # nobody reads or writes out_dir/<tag> before it is in place
 
 

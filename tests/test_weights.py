@@ -166,7 +166,10 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     expected = expected_eval(consolidate(str(out), 'final')[0], ranks=1)
     assert abs(train - expected['train']) <= 1e-5 and abs(val - expected['val']) <= 1e-5
 
+    (out / 'final.partial').mkdir()  # the remains of a save killed half-way: cleared, never mixed in
+    (out / 'final.partial' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt').write_text('junk')
     proc = ok(launch([*resume, '--resume_tag=final_universal', '--max_iters=6', '--eval_interval=2'], ranks=1))
+    assert not (out / 'final.partial').exists() and not (out / 'final.old').exists()
     assert 'resumed at iter 4' in proc.stdout and 'the batch order starts afresh' in proc.stdout
     evals = [r for r in metrics(out) if 'val_loss' in r]
     assert evals[-1]['iter'] == 6 and evals[-1]['val_loss'] < evals[-2]['val_loss']
