@@ -2,8 +2,14 @@
 The trainer's measuring helpers, kept out of the loop: peak FLOP/s for MFU, a per-phase timer that adds no
 host sync, and memory figures. MFU is model FLOPs (model.py's flops_per_token) over the device's peak.
 """
+import json
+import os
 import re
+import resource
+import subprocess
+import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import psutil
 import torch
@@ -79,7 +85,7 @@ class PhaseTimer:
     synchronous and perf_counter is exact."""
 
     def __init__(self, use_events):
-        self.use_events, self.marks, self.totals = use_events, [], {}
+        self.use_events, self.marks = use_events, []
 
     def _now(self):
         if not self.use_events:
@@ -99,32 +105,26 @@ class PhaseTimer:
         """{phase: share of the measured time} since the last call, and start over."""
         if self.use_events and self.marks:
             self.marks[-1][1].synchronize()
+        totals = {}
         for (_, t0), (phase, t1) in zip(self.marks, self.marks[1:]):
-            self.totals[phase] = self.totals.get(phase, 0.0) + (t0.elapsed_time(t1) / 1e3 if self.use_events else t1 - t0)
-        total = sum(self.totals.values()) or 1.0
-        shares = {phase: t / total for phase, t in self.totals.items()}
-        self.marks, self.totals = self.marks[-1:], {}
-        return shares
+            totals[phase] = totals.get(phase, 0.0) + (t0.elapsed_time(t1) / 1e3 if self.use_events else t1 - t0)
+        self.marks = self.marks[-1:]
+        total = sum(totals.values()) or 1.0
+        return {phase: t / total for phase, t in totals.items()}
 
 
 def memory_mb(on_gpu):
     """This rank's memory: GPU peak allocated and reserved (MB) and the process's resident set (current and peak)."""
     rss = psutil.Process().memory_info().rss
-    peak_rss = max(rss, _peak_rss_bytes())
+    peak_rss = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
     gpu = {'gpu_alloc_mb': torch.cuda.max_memory_allocated() / 2**20,
            'gpu_reserved_mb': torch.cuda.max_memory_reserved() / 2**20} if on_gpu else {}
     return {**gpu, 'rss_mb': rss / 2**20, 'peak_rss_mb': peak_rss / 2**20}
 
 
-def _peak_rss_bytes():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
 
 def write_run_json(out_dir, info):
     """out_dir/run.json: what this start ran with, and on what. A resumed run keeps the earlier ones as run.<n>.json."""
-    import json, os, subprocess, sys
-    from importlib.metadata import PackageNotFoundError, version
     versions = {'python': sys.version.split()[0]}
     for package in ('torch', 'deepspeed', 'transformers', 'numpy'):
         try:

@@ -7,6 +7,7 @@ against the SHA-256 it expects for the originals, so a wrong file cannot slip th
 """
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 
@@ -42,7 +43,6 @@ def gpt2_encoding():
 def write_hf_gpt2_tokenizer(folder, model_max_length):
     """GPT-2's tokenizer as the hub's gpt2 folder has it: vocab.json (= encoder.json) and merges.txt
     (= vocab.bpe), which every transformers version reads. From tiktoken's cache or download, else offline."""
-    import json
     from tiktoken.load import read_file_cached
     files = {'vocab.json': ('encoder.json', ENCODER_JSON_SHA256), 'merges.txt': ('vocab.bpe', VOCAB_BPE_SHA256)}
     for name, (original, sha256) in files.items():

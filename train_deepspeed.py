@@ -163,11 +163,13 @@ if os.path.exists(meta_path):
     with open(meta_path, 'rb') as f:
         meta_vocab_size = pickle.load(f)['vocab_size']
 
+scratch_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                    dropout=dropout, vocab_size=meta_vocab_size or 50304)  # 50304: 50257 padded to a multiple of 64
+
 if dry_run:  # the plan, from the shape alone: a meta-device model (no weights, no memory), no process group
     import memory_plan
     if init_from == 'scratch':
-        shape = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                          dropout=dropout, vocab_size=meta_vocab_size or 50304)
+        shape = GPTConfig(**scratch_args)
     elif is_pretrained_source(init_from):
         shape = pretrained_config(init_from)
         shape.block_size, shape.dropout = min(block_size, shape.block_size), dropout
@@ -215,8 +217,7 @@ if init_from == 'resume':
     universal = os.path.isdir(os.path.join(tag_dir, 'zero'))  # made by ds_to_universal: loads on any world size
     model = GPT(GPTConfig(**model_args))  # weights come from load_checkpoint below
 elif init_from == 'scratch':
-    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                      dropout=dropout, vocab_size=meta_vocab_size or 50304)  # 50304: 50257 padded to a multiple of 64
+    model_args = scratch_args
     model = GPT(GPTConfig(**model_args))
 elif is_pretrained_source(init_from):
     model = GPT.from_pretrained(init_from, dict(dropout=dropout))
@@ -275,9 +276,10 @@ resumed_at = iter_num if init_from == 'resume' else None
 
 # MFU = model FLOPs per token (model.py, computed once) x tokens/s, over the peak of all devices in the run
 model_flops_per_token = flops_per_token(GPTConfig(**{**model_args, 'block_size': block_size}))
-peak_flops, peak_source = device_peak_flops(peak_flops, dtype, torch.cuda.get_device_name(local_rank) if on_gpu else None)
+device_name = torch.cuda.get_device_name(local_rank) if on_gpu else 'cpu'
+peak_flops, peak_source = device_peak_flops(peak_flops, dtype, device_name if on_gpu else None)
 devices = [None] * world_size
-dist.all_gather_object(devices, f'{socket.gethostname()}: ' + (torch.cuda.get_device_name(local_rank) if on_gpu else 'cpu'))
+dist.all_gather_object(devices, f'{socket.gethostname()}: {device_name}')
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -392,6 +394,7 @@ def save(tag):
 # from iter_k draws exactly what the uninterrupted run drew.
 t_log, iters_since_log = time.time(), 0
 timer = PhaseTimer(use_events=on_gpu) if time_phases else None
+mark = timer.mark if timer else (lambda phase: None)
 bar = None
 if master_process and progress and sys.stdout.isatty():
     from tqdm import tqdm
@@ -416,15 +419,13 @@ while True:
             timer.restart()
     if iter_num >= max_iters:
         break
-    if timer:
-        timer.mark('other')  # the loop's own work since the last step (logging, the lr)
+    mark('other')  # the loop's own work since the last step (logging, the lr)
 
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
     loss_sum = torch.zeros((), device=device)
     X, Y = get_batch('train', batch_rng)
-    mark = timer.mark if timer else (lambda phase: None)
     mark('data')
     for micro_step in range(gradient_accumulation_steps):
         _, loss = model_engine(X, Y)

@@ -1,8 +1,7 @@
 """perf.py's pure parts: the peak table's matching, the phase timer's bookkeeping, the log line."""
-import time
-
 import pytest
 
+import perf
 from perf import PhaseTimer, gpu_peak_flops, log_line
 
 
@@ -18,21 +17,24 @@ def test_peak_table_matches_whole_names(name, dtype, tflops):
     assert gpu_peak_flops(name, dtype) == (tflops * 1e12 if tflops else None)
 
 
-def test_phase_timer_shares_add_up_and_restart_forgets():
+def test_phase_timer_shares_add_up_and_restart_forgets(monkeypatch):
+    """On CPU the timer reads perf_counter: a clock we advance by hand gives exact shares, no sleeping."""
+    now = [100.0]
+    monkeypatch.setattr(perf.time, 'perf_counter', lambda: now[0])
     timer = PhaseTimer(use_events=False)
     timer.restart()
-    time.sleep(0.05)
-    timer.mark('data')
-    time.sleep(0.15)
-    timer.mark('backward')
-    shares = timer.fractions()
-    assert set(shares) == {'data', 'backward'} and abs(sum(shares.values()) - 1) < 1e-9
-    assert 0.15 < shares['data'] < 0.35  # 0.05 of 0.2
-    time.sleep(0.1)  # an eval: restart() drops it
+    for phase, seconds in (('data', 0.05), ('forward', 0.05), ('backward', 0.1), ('data', 0.05), ('step', 0.25)):
+        now[0] += seconds
+        timer.mark(phase)
+    assert timer.fractions() == pytest.approx({'data': 0.2, 'forward': 0.1, 'backward': 0.2, 'step': 0.5})
+    now[0] += 7.0  # an eval: restart() drops it
     timer.restart()
-    time.sleep(0.02)
+    now[0] += 0.02
     timer.mark('step')
     assert timer.fractions() == {'step': 1.0}
+    now[0] += 0.3  # and the next interval starts where the last one ended
+    timer.mark('forward')
+    assert timer.fractions() == {'forward': 1.0}
 
 
 def test_log_line_shows_what_the_record_has():
