@@ -2,6 +2,7 @@
 nanoGPT-style overrides: `python train_deepspeed.py config/x.py --batch_size=4`. A config file is Python
 run in its own namespace; --key=value is a Python literal (a bare word stays a string). Values keep the
 constant's type (an int may stand for a float); unknown keys are refused with the valid ones listed.
+A script may let named text settings also take a dict (train_deepspeed.py: dataset={'a': 0.7, 'b': 0.3}).
 --local_rank=N, which the deepspeed launcher appends, is ignored (LOCAL_RANK is in the environment).
 """
 import ast
@@ -9,9 +10,11 @@ import os
 import sys
 
 
-def _check(key, value, defaults, source):
+def _check(key, value, defaults, source, dict_keys=()):
     if key not in defaults:
         raise ValueError(f"{source}: unknown key '{key}'; valid keys: {', '.join(sorted(defaults))}")
+    if key in dict_keys and isinstance(value, dict):
+        return value
     want = type(defaults[key])
     value = float(value) if want is float and type(value) is int else value
     if type(value) is not want:
@@ -19,7 +22,7 @@ def _check(key, value, defaults, source):
     return value
 
 
-def parse_overrides(argv, defaults):
+def parse_overrides(argv, defaults, dict_keys=()):
     out = {}
     for arg in (a for a in argv if not a.startswith('--local_rank')):
         if not arg.startswith('--'):
@@ -27,7 +30,7 @@ def parse_overrides(argv, defaults):
                 raise ValueError(f"config file '{arg}' not found (overrides are written --key=value)")
             namespace = {}
             exec(compile(open(arg).read(), arg, 'exec'), namespace)
-            out.update({k: _check(k, v, defaults, arg) for k, v in namespace.items()
+            out.update({k: _check(k, v, defaults, arg, dict_keys) for k, v in namespace.items()
                         if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module'})
             continue
         key, eq, raw = arg[2:].partition('=')
@@ -37,18 +40,19 @@ def parse_overrides(argv, defaults):
             value = ast.literal_eval(raw)
         except (SyntaxError, ValueError):
             value = raw
-        if isinstance(defaults.get(key), str) and not isinstance(value, str):
+        if isinstance(defaults.get(key), str) and not isinstance(value, str) and not (
+                key in dict_keys and isinstance(value, dict)):
             value = raw  # a text setting takes the text as written: --stages=0,2 is '0,2', not a tuple
-        out[key] = _check(key, value, defaults, arg)
+        out[key] = _check(key, value, defaults, arg, dict_keys)
     return out
 
 
-def configure(namespace, argv=None):
+def configure(namespace, argv=None, dict_keys=()):
     """Apply overrides to a script's constants (its int/float/bool/str globals); bad input: one line, exit 2.
     Returns the constants' names and the overrides that were applied."""
     defaults = {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
     try:
-        overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults)
+        overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults, dict_keys)
     except ValueError as e:
         if os.environ.get('RANK', '0') == '0':
             print(f'error: {e}', file=sys.stderr)
@@ -68,5 +72,5 @@ if __name__ == '__main__':  # `python configurator.py train_deepspeed.py [args]`
                 constants[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
                 pass
-    configure(constants, sys.argv[2:])
+    configure(constants, sys.argv[2:], dict_keys=('dataset',))
     print(json.dumps(constants))

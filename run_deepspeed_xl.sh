@@ -120,5 +120,17 @@ if [ "$dry_run" = 1 ]; then
   exec python train_deepspeed.py --dry_run=True --plan_gpus="$world" "${train_args[@]}"
 fi
 echo "running:     deepspeed ${launch[*]} --master_port $master_port train_deepspeed.py ${train_args[*]}"
-env -u CUDA_VISIBLE_DEVICES deepspeed "${launch[@]}" --master_port "$master_port" train_deepspeed.py "${train_args[@]}"
+if [ -n "$hostfile" ]; then  # several nodes: DeepSpeed's runner passes a Ctrl-C or SIGTERM on to every node's ranks
+  env -u CUDA_VISIBLE_DEVICES deepspeed "${launch[@]}" --master_port "$master_port" train_deepspeed.py "${train_args[@]}"
+else
+  # One node: a Ctrl-C or SIGTERM to this script goes to the ranks alone (each finishes its step, saves, exits 0).
+  # DeepSpeed's own launcher would give them 30 s before killing them and exit 1; a second signal stops them at once.
+  env -u CUDA_VISIBLE_DEVICES setsid deepspeed "${launch[@]}" --master_port "$master_port" train_deepspeed.py \
+    "${train_args[@]}" &
+  ds=$!
+  trap 'pkill -TERM -s "$ds" -f "train_deepspeed.py --local_rank=" || true' TERM INT
+  rc=0; wait "$ds" || rc=$?
+  while kill -0 "$ds" 2>/dev/null; do rc=0; wait "$ds" || rc=$?; done  # a trapped signal ends a wait early
+  [ "$rc" = 0 ] || exit "$rc"
+fi
 echo "checkpoints: $out_dir ($(cat "$out_dir/latest" 2>/dev/null || echo none) is the newest; resume with --init_from=resume)"

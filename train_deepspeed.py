@@ -10,18 +10,23 @@ $ deepspeed --num_gpus 2 train_deepspeed.py config/train_shakespeare_char_cpu.py
 Resume from the newest checkpoint, or from a tag:
 $ deepspeed --num_gpus 4 train_deepspeed.py --init_from=resume [--resume_tag=iter_10]
 """
+import filecmp
 import json
 import math
 import os
 import pickle
 import random
 import shutil
+import signal
 import socket
 import sys
 import time
 
 import numpy as np
 import torch
+
+import checkpoints
+import data_sources
 
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source, pretrained_config
 from perf import PhaseTimer, device_peak_flops, log_line, memory_mb, write_run_json
@@ -47,10 +52,14 @@ plan_gpu_mem_gb = 0.0  # GiB per GPU to fit in (0: the visible GPU's); gives a r
 eval_iters = 20  # batches per split per rank at each eval
 eval_only = False  # evaluate once, print every rank's view of the result, exit
 always_save_checkpoint = False  # save at every eval, not only when val loss improves
+keep_last_n = 2  # iter_* checkpoints kept; the best-val one and 'final' are kept besides
+min_free_disk_mb = 100  # a save first checks for one checkpoint's size plus this much free, else the run stops
+early_stop_patience = 0  # evals in a row without a better val loss that end the run (with a final save); 0: never
+max_nonfinite = 3  # iterations in a row with a NaN/inf loss that stop the run (nothing more is saved)
 init_from = 'gpt2-xl'  # 'scratch', 'resume', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a transformers folder
 resume_tag = ''  # with init_from='resume': a tag like 'iter_10'; empty means the one named in out_dir/latest
 # data
-dataset = 'shakespeare'  # data/<dataset>/{train,val}.bin (uint16 token ids), or a folder path holding them
+dataset = 'shakespeare'  # data/<dataset>/{train,val}.bin (uint16 token ids), a folder path, or a mix {name: weight}
 gradient_accumulation_steps = 32  # micro steps per optimizer step, per rank
 batch_size = 1  # micro batch per GPU (DeepSpeed's train_micro_batch_size_per_gpu)
 block_size = 1024  # tokens per sample
@@ -81,7 +90,7 @@ sample_start = '\n'
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
-config_keys, overrides = configure(globals())
+config_keys, overrides = configure(globals(), dict_keys=('dataset',))
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
 
@@ -139,16 +148,19 @@ torch.manual_seed(seed)  # the same on every rank: a scratch model starts identi
 
 # -----------------------------------------------------------------------------
 # data: random windows from a memmap; each rank draws from its own seeded generator
-data_dir = dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-for split in ('train', 'val'):
-    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
-        die(f'{data_dir}/{split}.bin not found: run python {os.path.join(data_dir, "prepare.py")}')
-batch_rng = np.random.default_rng([seed, rank])  # training batches; its state is checkpointed
+try:
+    sources = data_sources.resolve(dataset, block_size)  # {name: (folder, weight)}, every .bin checked
+except ValueError as e:
+    die(str(e))
+source_names, source_weights = list(sources), [weight for _, weight in sources.values()]
+batch_rng = np.random.default_rng([seed, rank])  # training batches (and a mix's sources); checkpointed
 
 
-def get_batch(split, rng):
+def get_batch(split, rng, source=None):
+    if source is None:  # a mix draws each batch's dataset by weight; a single dataset draws nothing extra
+        source = source_names[rng.choice(len(source_names), p=source_weights)] if len(sources) > 1 else source_names[0]
     # a new memmap per batch: a long-lived one keeps every page read resident (nanoGPT#151)
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    data = np.memmap(os.path.join(sources[source][0], f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = rng.integers(0, len(data) - block_size, size=batch_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
@@ -157,7 +169,7 @@ def get_batch(split, rng):
     return x, y
 
 
-meta_path = os.path.join(data_dir, 'meta.pkl')
+meta_path = os.path.join(sources[source_names[0]][0], 'meta.pkl')  # the mix shares one vocabulary
 meta_vocab_size = None
 if os.path.exists(meta_path):
     with open(meta_path, 'rb') as f:
@@ -192,29 +204,31 @@ if dry_run:  # the plan, from the shape alone: a meta-device model (no weights, 
     sys.stdout.flush()
     os._exit(0)
 
+writable = os.path.abspath(out_dir)
+while not os.path.exists(writable):
+    writable = os.path.dirname(writable)
+if not os.path.isdir(writable) or not os.access(writable, os.W_OK | os.X_OK):
+    die(f'out_dir={out_dir} cannot be written ({writable} is not a writable folder): choose another --out_dir')
+
 rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, local_rank)
 master_process = rank == 0
 
 # -----------------------------------------------------------------------------
 # model
-iter_num, best_val_loss = 0, 1e9
+iter_num, best_val_loss, best_tag, evals_without_gain = 0, 1e9, None, 0
 if init_from == 'resume':
-    tag = resume_tag
-    if not tag:
-        latest = os.path.join(out_dir, 'latest')
-        if not os.path.isfile(latest):
-            die(f'nothing to resume: {latest} not found; start with --init_from=scratch or a pretrained model')
-        tag = open(latest).read().strip()
-    tag_dir = os.path.join(out_dir, tag)
-    states = sorted(f for f in os.listdir(tag_dir) if f.endswith('model_states.pt')) if os.path.isdir(tag_dir) else []
-    if not states:
-        die(f'no checkpoint at {tag_dir}: name an existing tag with --resume_tag (see {out_dir})')
-    # mmap: only the small client state is read here, not the weights
-    saved = torch.load(os.path.join(tag_dir, states[0]), map_location='cpu', mmap=True, weights_only=False)
-    model_args, saved_world_size = saved['model_args'], saved['dp_world_size']
-    saved_stage = saved['ds_config'].get('zero_optimization', {}).get('stage', 0)
-    del saved
-    universal = os.path.isdir(os.path.join(tag_dir, 'zero'))  # made by ds_to_universal: loads on any world size
+    try:
+        tag, load_tag = checkpoints.tag_to_resume(out_dir, resume_tag)  # load_tag: <tag>.old after a kill mid-swap
+        tag_dir = os.path.join(out_dir, load_tag)
+        saved = checkpoints.read_saved(tag_dir)
+    except ValueError as e:
+        die(str(e))
+    model_args, universal = saved['model_args'], saved['universal']  # universal: made by ds_to_universal
+    problems = [None] * world_size  # each rank checks its own shards against the checksums of the save
+    dist.all_gather_object(problems, checkpoints.verify_own_files(tag_dir, rank))
+    if any(problems):
+        die(f'{next(p for p in problems if p)}: the checkpoint is damaged; resume from another tag with --resume_tag '
+            f"({', '.join(t for t in checkpoints.complete_tags(out_dir) if t != load_tag) or 'there is none'})")
     model = GPT(GPTConfig(**model_args))  # weights come from load_checkpoint below
 elif init_from == 'scratch':
     model_args = scratch_args
@@ -241,12 +255,18 @@ if meta_vocab_size and model.config.vocab_size < meta_vocab_size:
     die(f'{dataset} has {meta_vocab_size} token ids, the model only {model.config.vocab_size}')
 if block_size > model.config.block_size:
     die(f'block_size={block_size} is more than the checkpoint was trained with ({model.config.block_size})')
+try:
+    data_sources.check_token_ids(sources, model.config.vocab_size)
+except ValueError as e:
+    die(str(e))
+if keep_last_n < 1:
+    die(f'keep_last_n={keep_last_n}: keep at least the newest checkpoint (--keep_last_n=1)')
 
 # -----------------------------------------------------------------------------
 if init_from == 'resume' and universal:
     ds_config['checkpoint'] = {**ds_config.get('checkpoint', {}), 'load_universal': True}
-elif init_from == 'resume' and saved_stage > 0 and saved_world_size != world_size:
-    die(f'{tag_dir} holds ZeRO-{saved_stage} shards for {saved_world_size} ranks, this run has {world_size}: convert it '
+elif init_from == 'resume' and saved['stage'] > 0 and saved['world_size'] != world_size:
+    die(f"{tag_dir} holds ZeRO-{saved['stage']} shards for {saved['world_size']} ranks, this run has {world_size}: convert it "
         f'once with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder '
         f'{tag_dir} --output_folder {tag_dir}_universal` and resume with --resume_tag={tag}_universal')
 
@@ -254,10 +274,16 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
 if init_from == 'resume':
-    load_path, client_state = model_engine.load_checkpoint(out_dir, tag=tag)
-    if load_path is None:
-        die(f'DeepSpeed could not load {tag_dir}')
+    try:
+        load_path, client_state = model_engine.load_checkpoint(out_dir, tag=load_tag)
+    except Exception as e:  # this rank's shard; the launcher stops the others
+        load_path, client_state = None, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    if load_path is None:  # DeepSpeed returns (None, None) for a folder it finds nothing in
+        print(f'error: DeepSpeed could not load {tag_dir} on rank {rank} ({client_state}): resume from another tag '
+              f'with --resume_tag', file=sys.stderr, flush=True)
+        os._exit(1)
     iter_num, best_val_loss = client_state['iter_num'], client_state['best_val_loss']
+    best_tag, evals_without_gain = client_state.get('best_tag'), client_state.get('evals_without_gain', 0)
     if len(client_state['rng_states']) == world_size:  # every rank continues its own random streams
         rng = client_state['rng_states'][rank]
         random.setstate(rng['python'])
@@ -283,8 +309,9 @@ dist.all_gather_object(devices, f'{socket.gethostname()}: {device_name}')
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(meta_path):  # the vocabulary travels with the run, for sample.py and export.py
-        shutil.copyfile(meta_path, os.path.join(out_dir, 'meta.pkl'))
+    run_meta = os.path.join(out_dir, 'meta.pkl')  # the vocabulary travels with the run, for sample.py and export.py
+    if os.path.exists(meta_path) and not (os.path.exists(run_meta) and filecmp.cmp(meta_path, run_meta, shallow=False)):
+        shutil.copyfile(meta_path, run_meta)
     write_run_json(out_dir, dict(config=config, ds_config=ds_config, world_size=world_size, devices=devices,
                                  model_args=model_args, n_params=model.get_num_params(),
                                  flops_per_token=model_flops_per_token, peak_flops=peak_flops, peak_source=peak_source,
@@ -335,58 +362,62 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches per split on every rank, averaged across ranks. The eval
-    batches are the same at every eval (a fresh generator each time), so evals compare like for like."""
-    out = {}
+    """Mean loss over eval_iters batches per split (and per dataset of a mix) on every rank, averaged across ranks;
+    a mix also gets the weighted mean as 'train' and 'val'. The eval batches are the same at every eval (a fresh
+    generator each time), so evals compare like for like."""
     model_engine.eval()
+    keys, means = [], []
     for split_id, split in enumerate(('train', 'val')):
-        rng = np.random.default_rng([seed, rank, 1 + split_id])
-        losses = torch.zeros(eval_iters, device=device)
-        for k in range(eval_iters):
-            X, Y = get_batch(split, rng)
-            losses[k] = model_engine(X, Y)[1].float()
-        mean = losses.mean()
-        dist.all_reduce(mean)  # every rank must run this, or the others wait forever
-        out[split] = mean.item() / world_size
+        for name in source_names:
+            rng = np.random.default_rng([seed, rank, 1 + split_id])
+            losses = torch.zeros(eval_iters, device=device)
+            for k in range(eval_iters):
+                X, Y = get_batch(split, rng, name)
+                losses[k] = model_engine(X, Y)[1].float()
+            keys.append(f'{split}/{name}')
+            means.append(losses.mean())
+    means = torch.stack(means)
+    dist.all_reduce(means)  # every rank must run this, or the others wait forever
+    out = dict(zip(keys, (means / world_size).tolist()))
+    for split in ('train', 'val'):
+        out[split] = sum(out[f'{split}/{name}'] * weight for name, (_, weight) in sources.items())
     model_engine.train()
-    return out
-
-
-def swap_in(partial, tag_dir):
-    """Put a finished save in place of an older one of its tag, then point 'latest' at it, each step a rename."""
-    if os.path.isdir(tag_dir):
-        os.replace(tag_dir, tag_dir + '.old')
-    os.replace(partial, tag_dir)
-    shutil.rmtree(tag_dir + '.old', ignore_errors=True)
-    with open(os.path.join(out_dir, 'latest.tmp'), 'w') as f:
-        f.write(os.path.basename(tag_dir))
-    os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
+    return out if len(sources) > 1 else {'train': out['train'], 'val': out['val']}
 
 
 def save(tag):
-    """Every rank writes its shards, rank 0 also the client state with all ranks' RNG streams, into <tag>.partial;
-    then rank 0 (and the first rank of a node with a disk of its own) swaps it in for an older <tag> and points
-    'latest' at it. So a kill mid-save, or a save by another number of ranks over an older tag, never leaves a
-    folder of mixed shards behind."""
+    """Every rank writes its shards and their checksums, rank 0 also the client state with all ranks' RNG streams,
+    into <tag>.partial; then rank 0 (and the first rank of a node with a disk of its own) swaps it in for an older
+    <tag>, points 'latest' at it and removes the iter_* tags beyond keep_last_n. A kill at any moment, or a save by
+    another number of ranks over an older tag, leaves 'latest' naming a complete folder."""
     rng = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
            'cuda': torch.cuda.get_rng_state() if on_gpu else None, 'batch': batch_rng.bit_generator.state}
-    rng_states = [None] * world_size
-    dist.all_gather_object(rng_states, rng)
-    client = dict(iter_num=iter_num, best_val_loss=best_val_loss, config=config, model_args=model_args,
-                  rng_states=rng_states, wandb_run_id=wandb_run.id if wandb_run else None)
+    gathered = [None] * world_size  # every rank's RNG streams, each node's free disk, each rank's last loss
+    dist.all_gather_object(gathered, (rng, checkpoints.disk_shortfall(out_dir, model.get_num_params(), dtype,
+                                                                      min_free_disk_mb) if local_rank == 0 else '',
+                                      nonfinite_streak.item()))
+    if any(short for _, short, _ in gathered):
+        die(next(short for _, short, _ in gathered if short))
+    if any(streak for _, _, streak in gathered):  # never a NaN state over a good one
+        stop_nonfinite(f'at iter {iter_num - 1}, just before saving {tag}')
+    client = dict(iter_num=iter_num, best_val_loss=best_val_loss, best_tag=best_tag, evals_without_gain=evals_without_gain,
+                  config=config, model_args=model_args, rng_states=[r for r, _, _ in gathered],
+                  wandb_run_id=wandb_run.id if wandb_run else None)
     tag_dir, partial = os.path.join(out_dir, tag), os.path.join(out_dir, tag + '.partial')
     if local_rank == 0 and os.path.isdir(partial):
         shutil.rmtree(partial, ignore_errors=True)  # the remains of a killed save
     dist.barrier()
     model_engine.save_checkpoint(out_dir, tag=tag + '.partial', client_state=client, save_latest=False)
-    dist.barrier()
-    if master_process:
-        swap_in(partial, tag_dir)
-        print(f'saved checkpoint {tag_dir}')
-    dist.barrier()
-    if local_rank == 0 and os.path.isdir(partial):  # another node whose out_dir is its own disk, not rank 0's
-        swap_in(partial, tag_dir)
-    dist.barrier()  # nobody reads or writes out_dir/<tag> before it is in place
+    sums = [None] * world_size  # also the barrier: every shard is written before anyone moves the folder
+    dist.all_gather_object(sums, checkpoints.checksum_own_files(partial, rank))
+    for turn in ('rank 0', 'first rank of a node whose out_dir is its own disk'):
+        if master_process if turn == 'rank 0' else local_rank == 0 and os.path.isdir(partial):
+            checkpoints.write_checksums(partial, {k: v for s in sums for k, v in s.items()})
+            checkpoints.swap_in(partial, tag_dir, out_dir)
+            removed = checkpoints.rotate(out_dir, keep_last_n, keep={tag, best_tag})
+            if master_process:
+                print(f'saved checkpoint {tag_dir}' + (f" (removed {', '.join(removed)})" if removed else ''))
+        dist.barrier()  # nobody reads or writes out_dir/<tag> before it is in place
 
 
 # -----------------------------------------------------------------------------
@@ -400,6 +431,33 @@ if master_process and progress and sys.stdout.isatty():
     from tqdm import tqdm
     bar = tqdm(total=max_iters, initial=iter_num, unit='iter', dynamic_ncols=True)
 say = bar.write if bar else print  # log lines above the bar, not through it
+stop_signal = None  # (name, time) of the first SIGTERM/SIGINT: finish this step, save, exit 0
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    if stop_signal is None:
+        stop_signal = (signal.Signals(signum).name, time.time())
+    elif time.time() - stop_signal[1] > 2:  # a second signal; DeepSpeed's launcher forwards a copy of the first at once
+        os._exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+stop_group = dist.new_group(backend='gloo') if on_gpu else None  # the stop flag travels on the CPU: no GPU sync
+nonfinite_streak = torch.zeros((), device=device)  # iterations in a row with a NaN/inf loss, kept on the device
+nonfinite_worst = torch.zeros((), device=device)  # the longest such streak since the last log line
+
+
+def stop_nonfinite(where):
+    latest = os.path.join(out_dir, 'latest')
+    kept = open(latest).read().strip() if os.path.isfile(latest) else None
+    die(f'loss is NaN/inf {where} (lr {get_lr(iter_num):.3g}, {dtype}): stopped without saving; '
+        + (f'the last checkpoint {kept} is untouched: resume from it with ' if kept else 'try ')
+        + 'a lower --learning_rate' + {'float32': '', 'bfloat16': ' or --dtype=float32'}.get(dtype, ' or --dtype=bfloat16'))
+
+
+preempted = False
 while True:
     if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
         losses = estimate_loss()
@@ -408,12 +466,20 @@ while True:
                   f"val loss {losses['val']:.6f} (averaged over ranks)", flush=True)
             break
         if master_process:
-            say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        log_record({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
-        if losses['val'] < best_val_loss or always_save_checkpoint:
-            best_val_loss = min(best_val_loss, losses['val'])
-            if 0 < iter_num < max_iters:  # the state at max_iters is saved as 'final' below
-                save(f'iter_{iter_num}')
+            say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" + ''.join(
+                f", {k.split('/', 1)[1]} {v:.4f}" for k, v in losses.items() if k.startswith('val/')))
+        log_record({'iter': iter_num, **{k.replace('/', '_loss_') if '/' in k else f'{k}_loss': v
+                                         for k, v in losses.items()}})
+        if not all(map(math.isfinite, losses.values())):
+            stop_nonfinite(f'in the eval at iter {iter_num}')
+        improved = losses['val'] < best_val_loss
+        best_val_loss, evals_without_gain = min(best_val_loss, losses['val']), 0 if improved else evals_without_gain + 1
+        if (improved or always_save_checkpoint) and 0 < iter_num < max_iters:  # max_iters is saved as 'final'
+            best_tag = f'iter_{iter_num}' if improved else best_tag
+            save(f'iter_{iter_num}')
+        if early_stop_patience and evals_without_gain >= early_stop_patience:
+            say(f'early stop: val loss has not improved on {best_val_loss:.4f} in {evals_without_gain} evals')
+            break
         t_log, iters_since_log = time.time(), 0  # eval time is not training time
         if timer:
             timer.restart()
@@ -425,6 +491,7 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
     loss_sum = torch.zeros((), device=device)
+    skipped_before = model_engine.skipped_steps
     X, Y = get_batch('train', batch_rng)
     mark('data')
     for micro_step in range(gradient_accumulation_steps):
@@ -442,6 +509,11 @@ while True:
     iters_since_log += 1
     if bar:
         bar.update(1)
+    if not model_engine.skipped_steps > skipped_before:  # an fp16 step its loss scaler skipped harmed nothing
+        nonfinite_streak = torch.where(torch.isfinite(loss_sum), 0.0, nonfinite_streak + 1)
+        nonfinite_worst = torch.maximum(nonfinite_worst, nonfinite_streak)
+    stop_flag = torch.tensor(float(stop_signal is not None))
+    dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, group=stop_group)  # the ranks agree on where to stop
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
         mean_loss = loss_sum / gradient_accumulation_steps
@@ -454,9 +526,11 @@ while True:
         if peak_flops:
             record['mfu'] = model_flops_per_token * tokens_per_s / (world_size * peak_flops)
         memory = memory_mb(on_gpu)
-        highest = torch.tensor(list(memory.values()), dtype=torch.float64, device=device)
+        highest = torch.tensor([*memory.values(), nonfinite_worst], dtype=torch.float64, device=device)
         dist.all_reduce(highest, op=dist.ReduceOp.MAX)  # the rank closest to running out is the one that matters
-        record.update(zip(memory, highest.tolist()))
+        *highest, worst = highest.tolist()
+        record.update(zip(memory, highest))
+        nonfinite_worst.zero_()
         if dtype == 'float16':
             record.update(loss_scale=optimizer.cur_scale, skipped_steps=model_engine.skipped_steps)
         shares = timer.fractions() if timer else {}
@@ -466,14 +540,23 @@ while True:
             if bar:
                 bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f'{tokens_per_s:,.0f}', refresh=False)
         log_record(record)
+        if worst >= max_nonfinite:
+            stop_nonfinite(f'in {worst:.0f} iterations in a row (up to iter {iter_num - 1}; max_nonfinite={max_nonfinite})')
+    if stop_flag.item() and iter_num < max_iters:  # pre-empted: every rank saves this step's state, then exits 0
+        save(f'iter_{iter_num}')
+        if master_process:
+            say(f"{stop_signal[0] if stop_signal else 'a signal to another rank'}: stopped after iter {iter_num - 1} "
+                f"and saved {os.path.join(out_dir, f'iter_{iter_num}')}; go on with --init_from=resume")
+        preempted = True
+        break
 
 if bar:
     bar.close()
-if not eval_only:
+if not eval_only and not preempted:
     save('final')
     if master_process:
         print(f"done: best val loss {best_val_loss:.4f}; checkpoints in {out_dir} (tags: "
-              f"{', '.join(sorted(d for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d)) and '.' not in d))})")
+              f"{', '.join(checkpoints.complete_tags(out_dir))})")
         if plot:
             from plot import plot_run
             try:

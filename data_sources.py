@@ -1,0 +1,79 @@
+"""
+The training data, checked before a run spends anything on it: train_deepspeed.py's `dataset` is one name
+(data/<name>/ or a folder path) or a mix {name: weight}. Each folder holds train.bin and val.bin (uint16
+token ids, as nanoGPT's prepare.py scripts write them) and, for a character-level vocabulary, meta.pkl.
+"""
+import os
+import pickle
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def resolve(dataset, block_size):
+    """{name: (folder, weight)} with weights summing to 1, every file checked; ValueError says what to fix."""
+    mix = dataset if isinstance(dataset, dict) else {dataset: 1.0}
+    if not mix:
+        raise ValueError("dataset={} names no data: give a name, or a mix like {'a': 0.7, 'b': 0.3}")
+    bad = [f'{k}: {w!r}' for k, w in mix.items()
+           if not isinstance(k, str) or isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0]
+    if bad:
+        raise ValueError(f"dataset mix {dataset!r}: {', '.join(bad)}; each entry is 'name': a weight > 0")
+    total = sum(mix.values())
+    sources = {}
+    for name, weight in mix.items():
+        folder = name if os.sep in name else os.path.join(HERE, 'data', name)
+        for split in ('train', 'val'):
+            check_bin(os.path.join(folder, f'{split}.bin'), block_size, os.path.join(folder, 'prepare.py'))
+        sources[name] = (folder, weight / total)
+    vocabs = {name: vocabulary(folder) for name, (folder, _) in sources.items()}
+    first = next(iter(vocabs))
+    for name, vocab in vocabs.items():
+        if vocab != vocabs[first]:
+            raise ValueError(f'{name} and {first} use different tokenizers ({describe(vocab)} vs '
+                             f'{describe(vocabs[first])}): a mix needs one vocabulary; prepare them with the same one')
+    return sources
+
+
+def check_bin(path, block_size, prepare):
+    if not os.path.isfile(path):
+        raise ValueError(f'{path} not found: run python {prepare}')
+    size = os.path.getsize(path)
+    if size % 2:
+        raise ValueError(f'{path} has {size:,} bytes, an odd number: it is not uint16 token ids; '
+                         f'write it with np.array(ids, dtype=np.uint16).tofile() (see {prepare})')
+    if size // 2 < block_size + 1:
+        raise ValueError(f'{path} holds {size // 2:,} tokens, fewer than block_size + 1 = {block_size + 1}: '
+                         f'use more text or a smaller --block_size')
+
+
+def vocabulary(folder):
+    """The character vocabulary of meta.pkl, or None for GPT-2 BPE (no meta.pkl)."""
+    path = os.path.join(folder, 'meta.pkl')
+    if not os.path.isfile(path):
+        return None
+    with open(path, 'rb') as f:
+        meta = pickle.load(f)
+    return meta.get('stoi') or {'vocab_size': meta['vocab_size']}
+
+
+def describe(vocab):
+    return 'GPT-2 BPE' if vocab is None else f'meta.pkl with {len(vocab)} symbols'
+
+
+def check_token_ids(sources, vocab_size, chunks=64, chunk_tokens=16384):
+    """Every id must be < vocab_size, or the embedding lookup fails deep in a run (or silently on some GPUs).
+    Reads up to chunks x chunk_tokens ids spread over each file, not the whole file."""
+    for folder, _ in sources.values():
+        for split in ('train', 'val'):
+            path = os.path.join(folder, f'{split}.bin')
+            data = np.memmap(path, dtype=np.uint16, mode='r')
+            starts = np.unique(np.linspace(0, max(0, len(data) - chunk_tokens), chunks).astype(np.int64))
+            for start in starts:
+                chunk = data[start:start + chunk_tokens]
+                if chunk.max() >= vocab_size:
+                    at = int(start + np.argmax(chunk >= vocab_size))
+                    raise ValueError(f'{path} holds token id {int(data[at])} (at token {at:,}) but the model has '
+                                     f'{vocab_size} ids: the data was made with another tokenizer; prepare it again '
+                                     f'for this model, or train one with a matching vocabulary')
