@@ -14,13 +14,24 @@ import torch.distributed as dist
 def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size, grad_clip, dtype):
     """(ds_config, zero stage). The JSON gives the ZeRO settings; batch, clipping and precision come from the
     script's constants, so that one place rules: values the JSON states must agree, or ValueError says how."""
+    here = os.path.dirname(os.path.abspath(__file__))
     if not os.path.isfile(path):  # a bare name also finds the JSONs that ship beside this file
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+        if not os.path.isfile(os.path.join(here, path)):
+            shipped = sorted(f for f in os.listdir(here) if f.startswith('ds_config') and f.endswith('.json'))
+            raise ValueError(f"DeepSpeed config {path} not found: give the path of a JSON, or one that ships here "
+                             f"({', '.join(shipped)}), as --deepspeed_config=...")
+        path = os.path.join(here, path)
     try:
         with open(path) as f:
             ds_config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f'cannot read DeepSpeed config {path}: {e}')
+    except OSError as e:
+        raise ValueError(f'cannot read DeepSpeed config {path}: {e.strerror}: make it readable or give another one')
+    except json.JSONDecodeError as e:
+        raise ValueError(f'DeepSpeed config {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}: '
+                         f'fix it there (python -m json.tool {path} shows where)')
+    if not isinstance(ds_config, dict) or not isinstance(ds_config.get('zero_optimization', {}), dict):
+        raise ValueError(f'DeepSpeed config {path} must be a JSON object whose "zero_optimization" is an object too, '
+                         f'like ds_config_zero2.json: rewrite it after that one')
     batch = {'train_micro_batch_size_per_gpu': batch_size, 'gradient_accumulation_steps': gradient_accumulation_steps,
              'train_batch_size': batch_size * gradient_accumulation_steps * world_size}
     stated = {k: ds_config.get(k, 'auto') for k in batch}
@@ -42,8 +53,9 @@ def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size,
         ds_config[block]['enabled'] = wanted
     ds_config.update(batch, gradient_clipping=grad_clip)
     stage = ds_config.get('zero_optimization', {}).get('stage', 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f'{path}: zero_optimization.stage={stage!r}, DeepSpeed knows 0, 1, 2 and 3')
+    if type(stage) is not int or stage not in (0, 1, 2, 3):
+        raise ValueError(f'{path}: zero_optimization.stage={stage!r}, but DeepSpeed has only ZeRO stages 0-3: set '
+                         f'"stage" to 0, 1, 2 or 3 there (ds_config_zero2.json and ds_config_zero3.json ship ready)')
     return ds_config, stage
 
 

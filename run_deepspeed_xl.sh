@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+[ -z "$num_gpus" ] || [[ "$num_gpus" =~ ^[1-9][0-9]*$ ]] || fail "--num_gpus $num_gpus: give a whole number of ranks, 1 or more"
 
 # Python and DeepSpeed: the project's .venv (made by ./setup.sh) if there is one, else whatever is on PATH
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
@@ -40,6 +41,9 @@ command -v deepspeed >/dev/null 2>&1 || fail "the deepspeed launcher is not on P
 physical_gpus=$(env -u CUDA_VISIBLE_DEVICES python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 launch=()
 if [ "$cpu_demo" = 1 ]; then
+  cores=$(python -c "import os; print(os.cpu_count() or 1)")
+  [ -z "$num_gpus" ] || [ "$dry_run" = 1 ] || [ "$num_gpus" -le "$cores" ] \
+    || fail "--cpu-demo --num_gpus $num_gpus starts $num_gpus CPU ranks but this machine has $cores CPU core(s): use --num_gpus $cores or fewer"
   [ -f data/shakespeare_char/train.bin ] || python data/shakespeare_char/prepare.py
   train_args=(config/train_shakespeare_char_cpu.py "${train_args[@]}")
   export DS_ACCELERATOR=cpu
@@ -57,7 +61,7 @@ else
       [ "$physical_gpus" -gt 0 ] || fail "CUDA_VISIBLE_DEVICES names GPU $g but this machine has no GPU: unset it, or use --cpu-demo"
       [ "$g" -lt "$physical_gpus" ] || fail "CUDA_VISIBLE_DEVICES names GPU $g but this machine has $physical_gpus GPU(s): list indices from 0 to $((physical_gpus - 1)), or unset it"
     done
-    [ -z "$num_gpus" ] || [ "$num_gpus" -le "${#wanted[@]}" ] || fail "--num_gpus $num_gpus but CUDA_VISIBLE_DEVICES lists ${#wanted[@]} GPU(s)"
+    [ -z "$num_gpus" ] || [ "$num_gpus" -le "${#wanted[@]}" ] || fail "--num_gpus $num_gpus but CUDA_VISIBLE_DEVICES lists ${#wanted[@]} GPU(s): use --num_gpus ${#wanted[@]} or fewer, or list more GPUs"
     selected=$(IFS=','; echo "${wanted[*]:0:${num_gpus:-${#wanted[@]}}}")
     launch=(--include "localhost:$selected")
     gpus_desc="GPUs $selected"; world=$(( ${num_gpus:-${#wanted[@]}} ))
@@ -72,7 +76,7 @@ else
     fi
     exit 1
   else
-    [ -z "$num_gpus" ] || [ "$num_gpus" -le "$physical_gpus" ] || fail "--num_gpus $num_gpus but this machine has $physical_gpus GPU(s)"
+    [ -z "$num_gpus" ] || [ "$num_gpus" -le "$physical_gpus" ] || fail "--num_gpus $num_gpus but this machine has $physical_gpus GPU(s): use --num_gpus $physical_gpus or fewer"
     launch=(--num_gpus "${num_gpus:-$physical_gpus}")
     gpus_desc="${num_gpus:-$physical_gpus} GPU(s)"; world="${num_gpus:-$physical_gpus}"
   fi

@@ -1,0 +1,240 @@
+"""Every bad input the trainer and its launcher script check, in one table. The contract for each: ONE line
+starting 'error:' that names the problem and the fix, a non-zero exit, and out_dir untouched (here it holds a
+finished run's checkpoint, which must be byte-for-byte the same afterwards, with no file added or removed).
+
+The trainer's cases run as plain `python train_deepspeed.py` (a world of one): every check here happens before
+training, so the 2-rank launcher would only add start-up time. The one 2-rank run is the finished run itself."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, ok, run
+from test_model import tiny_hf
+
+SCRIPT = os.path.join(REPO, 'run_deepspeed_xl.sh')
+
+
+@pytest.fixture(scope='session')
+def finished_run(tmp_path_factory):
+    """out_dir of a real finished 2-rank run: latest -> final, the final shards, metrics.jsonl, run.json."""
+    out = tmp_path_factory.mktemp('finished') / 'out'
+    ok(launch([*TINY, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2']))
+    assert (out / 'latest').read_text() == 'final' and (out / 'final').is_dir()
+    return out
+
+
+def snapshot(root):
+    """relative path -> (sha256, mtime_ns) of every file, and -> 'dir' for every folder; {} if root is absent."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            seen[os.path.relpath(os.path.join(folder, d), root)] = 'dir'
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, 'rb') as f:
+                seen[os.path.relpath(path, root)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+    return seen
+
+
+def one_error(proc):
+    """The single 'error:' line of a failed command's merged output."""
+    out = proc.stdout
+    errors = [line for line in out.splitlines() if line.startswith('error:')]
+    assert proc.returncode != 0, out[-3000:]
+    assert len(errors) == 1 and 'Traceback' not in out, out[-3000:]
+    return errors[0]
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def ds_json(tmp, **changes):
+    """The shipped ZeRO-2 JSON with some keys changed."""
+    cfg = json.load(open(os.path.join(REPO, 'ds_config_zero2.json')))
+    cfg.update(changes)
+    return write(tmp / 'ds.json', json.dumps(cfg))
+
+
+BROKEN_JSON = '{"zero_optimization": {"stage": 2,}'  # a trailing comma
+
+
+def folder(path):
+    path.mkdir()
+    return path
+
+
+def pretrained(tmp):
+    """TINY_RUN (no shape overrides) from a transformers GPT-2 trained for 48 positions."""
+    tiny_hf(tmp / 'hf', n_positions=48)
+    return [*TINY_RUN, f"--init_from={tmp / 'hf'}"]
+
+
+def without_checkpoints(out):
+    """A finished run's out_dir with its checkpoints taken away: the metrics and run.json stay."""
+    os.remove(out / 'latest')
+    for tag in [p for p in out.iterdir() if p.is_dir()]:
+        shutil.rmtree(tag)
+
+
+def without_latest(out):
+    """The checkpoint folder 'final' stays, only the pointer to it is gone."""
+    os.remove(out / 'latest')
+
+
+# id -> (set-up: (tmp_path, out_dir copy) -> trainer arguments, phrases the error line must hold)
+# The arguments follow TINY and --out_dir=<the copy>, so a later one overrides TINY's.
+TRAINER_CASES = {
+    'ds_json_does_not_parse': (
+        lambda tmp, out: [f"--deepspeed_config={write(tmp / 'ds.json', BROKEN_JSON)}"],
+        ['ds.json', 'not valid JSON', 'line 1 column', 'python -m json.tool']),
+    'ds_json_missing': (
+        lambda tmp, out: [f"--deepspeed_config={tmp / 'nope.json'}"],
+        ['nope.json not found', 'ds_config_zero2.json']),
+    'ds_json_not_an_object': (  # parses, but is not the object DeepSpeed reads
+        lambda tmp, out: [f"--deepspeed_config={write(tmp / 'ds.json', '[2]')}"],
+        ['must be a JSON object', 'ds_config_zero2.json']),
+    'ds_json_zero_stage_4': (
+        lambda tmp, out: [f"--deepspeed_config={ds_json(tmp, zero_optimization={'stage': 4})}"],
+        ['zero_optimization.stage=4', '0, 1, 2 or 3']),
+    'ds_json_batch_identity': (  # 4 x 8 x 1 rank = 32, not 16
+        lambda tmp, out: [f"--deepspeed_config={ds_json(tmp, train_batch_size=16, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=8)}",
+                          '--batch_size=4', '--gradient_accumulation_steps=8'],
+        ['train_batch_size=16', '4 x 8 x 1 = 32', '"auto"', '--batch_size']),
+    'unknown_key': (
+        lambda tmp, out: ['--max_iter=3'],
+        ["unknown key 'max_iter'", 'valid keys:', 'max_iters']),
+    'wrong_type_int': (
+        lambda tmp, out: ['--max_iters=abc'],
+        ["max_iters='abc' is str", 'expected int']),
+    'wrong_type_float': (
+        lambda tmp, out: ['--learning_rate=True'],
+        ['learning_rate=True is bool', 'expected float']),
+    'config_file_missing': (
+        lambda tmp, out: [str(tmp / 'nope.py')],
+        ["nope.py' not found"]),
+    'init_from_unknown_name': (
+        lambda tmp, out: ['--init_from=gpt3'],
+        ["init_from='gpt3'", "'scratch'", "'gpt2-xl'", 'transformers config.json']),
+    'init_from_empty_folder': (
+        lambda tmp, out: [f"--init_from={folder(tmp / 'empty')}"],
+        ['empty', 'transformers config.json']),
+    'block_size_beyond_pretrained_context': (  # a transformers GPT-2 trained for 48 positions
+        lambda tmp, out: [*pretrained(tmp), '--block_size=64'],
+        ['block_size=64 is more than', '(48)', '--block_size=48']),
+    'fp16_on_cpu': (
+        lambda tmp, out: ['--dtype=float16'],
+        ["dtype='float16' needs a GPU", '--dtype=bfloat16']),
+    'resume_without_any_checkpoint': (
+        lambda tmp, out: without_checkpoints(out) or ['--init_from=resume'],
+        ['nothing to resume', 'latest not found', '--init_from=scratch']),
+    'resume_without_latest': (
+        lambda tmp, out: without_latest(out) or ['--init_from=resume'],
+        ['latest not found', '--resume_tag=final']),
+    'resume_tag_that_does_not_exist': (
+        lambda tmp, out: ['--init_from=resume', '--resume_tag=iter_7'],
+        ['no checkpoint at', 'iter_7', '--resume_tag']),
+    'dataset_folder_without_bins': (
+        lambda tmp, out: [f"--dataset={folder(tmp / 'nodata')}"],
+        ['nodata/train.bin not found', 'prepare.py']),
+}
+XFAIL = {
+    'resume_without_latest': 'train_deepspeed.py says "start with --init_from=scratch" (which throws the checkpoint '
+                             'away) when out_dir holds tags but no latest; it should name them: --resume_tag=final',
+}
+
+
+def attempt_trainer(case, tmp_path, finished_run):
+    """One trainer case against a copy of the finished run: (command, process, out_dir before, out_dir after)."""
+    setup, _ = TRAINER_CASES[case]
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run, out)
+    cmd = [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', *setup(tmp_path, out)]
+    before = snapshot(out)
+    proc = run(cmd, timeout=120)
+    return cmd, proc, before, snapshot(out)
+
+
+@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.xfail(reason=XFAIL[c], strict=True)) if c in XFAIL
+                                  else c for c in TRAINER_CASES])
+def test_trainer_refuses(case, tmp_path, finished_run):
+    _, proc, before, after = attempt_trainer(case, tmp_path, finished_run)
+    line = one_error(proc)
+    assert after == before
+    for phrase in TRAINER_CASES[case][1]:
+        assert phrase in line, (phrase, line)
+
+
+def test_resume_from_a_missing_out_dir_creates_nothing(tmp_path):
+    out = tmp_path / 'never'
+    line = one_error(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--init_from=resume']))
+    assert 'nothing to resume' in line and not out.exists()
+
+
+# --- run_deepspeed_xl.sh ---------------------------------------------------------------------------------------
+
+def sh(*args, environ=None, timeout=120):
+    return subprocess.run([SCRIPT, *args], cwd=REPO, env=environ or env(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def fake_gpus(tmp_path, count):
+    """An environment whose `python` reports `count` CUDA devices to the script's GPU count and is the venv's
+    python otherwise: the script's checks against the GPU count, on a machine without GPUs."""
+    shim = tmp_path / 'fakebin'
+    shim.mkdir()
+    write(shim / 'python', f'#!/bin/sh\n[ "$1" = -c ] && [ "$2" = "import torch; print(torch.cuda.device_count())" ] '
+                           f'&& {{ echo {count}; exit 0; }}\nexec {sys.executable} "$@"\n').chmod(0o755)
+    return dict(env(), PATH=f'{shim}{os.pathsep}{BIN}{os.pathsep}{os.environ["PATH"]}')
+
+
+# id -> (arguments and environment: (tmp_path) -> (args, environ or None), phrases the error line must hold).
+# Each also gets tiny settings and --max_iters=1, so that a check that stopped working costs a short run, not a demo.
+LAUNCHER_CASES = {
+    'cuda_visible_devices_without_gpus': (
+        lambda tmp: ([], dict(env(), CUDA_VISIBLE_DEVICES='0,1')),
+        ['CUDA_VISIBLE_DEVICES names GPU 0 but this machine has no GPU', 'unset it', '--cpu-demo']),
+    'cuda_visible_devices_beyond_the_gpus': (
+        lambda tmp: ([], dict(fake_gpus(tmp, 2), CUDA_VISIBLE_DEVICES='1,2')),
+        ['CUDA_VISIBLE_DEVICES names GPU 2 but this machine has 2 GPU(s)', 'from 0 to 1']),
+    'num_gpus_beyond_the_gpus': (
+        lambda tmp: (['--num_gpus', '8'], fake_gpus(tmp, 4)),
+        ['--num_gpus 8', 'has 4 GPU(s)', '--num_gpus 4 or fewer']),
+    'num_gpus_beyond_cuda_visible_devices': (
+        lambda tmp: (['--num_gpus', '3'], dict(fake_gpus(tmp, 4), CUDA_VISIBLE_DEVICES='0,1')),
+        ['--num_gpus 3', 'CUDA_VISIBLE_DEVICES lists 2 GPU(s)', '--num_gpus 2 or fewer']),
+    'num_gpus_not_a_number': (
+        lambda tmp: (['--cpu-demo', '--num_gpus', 'two'], None),
+        ['--num_gpus two', 'whole number']),
+    'cpu_demo_ranks_beyond_the_cores': (
+        lambda tmp: (['--cpu-demo', '--num_gpus', str(os.cpu_count() + 1)], None),
+        [f'--num_gpus {os.cpu_count() + 1}', f'{os.cpu_count()} CPU core(s)', f'--num_gpus {os.cpu_count()} or fewer']),
+}
+
+
+def attempt_launcher(case, tmp_path, finished_run):
+    """One script case, out_dir a copy of the finished run: (command, process, out_dir before, out_dir after)."""
+    setup, _ = LAUNCHER_CASES[case]
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run, out)
+    args, environ = setup(tmp_path)
+    args = [*args, *TINY, f'--out_dir={out}', '--max_iters=1', '--eval_iters=1']
+    before = snapshot(out)
+    proc = sh(*args, environ=environ)
+    return [SCRIPT, *args], proc, before, snapshot(out)
+
+
+@pytest.mark.parametrize('case', list(LAUNCHER_CASES))
+def test_launcher_script_refuses(case, tmp_path, finished_run):
+    _, proc, before, after = attempt_launcher(case, tmp_path, finished_run)
+    line = one_error(proc)
+    assert after == before
+    assert 'running:' not in proc.stdout  # stopped before anything was launched
+    for phrase in LAUNCHER_CASES[case][1]:
+        assert phrase in line, (phrase, line)
