@@ -24,9 +24,10 @@ def tag_to_resume(out_dir, resume_tag=''):
     if not tag:
         latest = os.path.join(out_dir, 'latest')
         if not os.path.isfile(latest):
-            found = ', '.join(complete_tags(out_dir)) if os.path.isdir(out_dir) else ''
+            found = sorted(complete_tags(out_dir) if os.path.isdir(out_dir) else [],
+                           key=lambda t: (t == 'final', int(t[5:]) if re.fullmatch(r'iter_\d+', t) else -1))
             raise ValueError(f'nothing to resume: {latest} not found; '
-                             + (f'name a tag with --resume_tag ({found})' if found else
+                             + (f"resume a tag with --resume_tag={found[-1]} (found: {', '.join(found)})" if found else
                                 'start with --init_from=scratch or a pretrained model'))
         with open(latest) as f:
             tag = f.read().strip()

@@ -210,6 +210,14 @@ while not os.path.exists(writable):
 if not os.path.isdir(writable) or not os.access(writable, os.W_OK | os.X_OK):
     die(f'out_dir={out_dir} cannot be written ({writable} is not a writable folder): choose another --out_dir')
 
+if init_from == 'resume':  # files only: found out before the process group starts
+    try:
+        tag, load_tag = checkpoints.tag_to_resume(out_dir, resume_tag)  # load_tag: <tag>.old after a kill mid-swap
+        tag_dir = os.path.join(out_dir, load_tag)
+        saved = checkpoints.read_saved(tag_dir)
+    except ValueError as e:
+        die(str(e))
+
 rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, local_rank)
 master_process = rank == 0
 
@@ -217,12 +225,6 @@ master_process = rank == 0
 # model
 iter_num, best_val_loss, best_tag, evals_without_gain = 0, 1e9, None, 0
 if init_from == 'resume':
-    try:
-        tag, load_tag = checkpoints.tag_to_resume(out_dir, resume_tag)  # load_tag: <tag>.old after a kill mid-swap
-        tag_dir = os.path.join(out_dir, load_tag)
-        saved = checkpoints.read_saved(tag_dir)
-    except ValueError as e:
-        die(str(e))
     model_args, universal = saved['model_args'], saved['universal']  # universal: made by ds_to_universal
     problems = [None] * world_size  # each rank checks its own shards against the checksums of the save
     dist.all_gather_object(problems, checkpoints.verify_own_files(tag_dir, rank))
