@@ -110,8 +110,10 @@ def verify_own_files(folder, rank):
 
 
 def swap_in(partial, tag_dir, out_dir):
-    """Put a finished save in place of an older one of its tag, then point 'latest' at it, each step a rename."""
+    """Put a finished save in place of an older one of its tag, then point 'latest' at it, each step a rename.
+    A kill between the first two renames leaves <tag>.old alone, which tag_to_resume falls back on."""
     if os.path.isdir(tag_dir):
+        shutil.rmtree(tag_dir + '.old', ignore_errors=True)  # a kill while removing it left some: <tag> is complete
         os.replace(tag_dir, tag_dir + '.old')
     os.replace(partial, tag_dir)
     shutil.rmtree(tag_dir + '.old', ignore_errors=True)

@@ -5,7 +5,6 @@ The real 2-rank launcher is killed (SIGKILL to its whole process group) while a 
 one; the resumed runs must log the same losses as a run that was never killed. A save writes <tag>.partial and
 rank 0's swap_in() renames it into place; the real save() is also killed in-process before each of its file
 operations, for a new tag and for a tag saved a second time."""
-import ast
 import os
 import shutil
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
 
 # a save lasts ~0.1-0.3 s here (7 M parameters: 29 MB of weights, each rank 43 MB of fp32 master weights and
@@ -62,7 +62,8 @@ def assert_same_losses(reference, out_dir, steps=None, evals=None):
 def assert_complete(tag_dir, iter_num):
     """Every rank's shard is there and loads, and they hold the state at iter_num."""
     assert os.path.isdir(tag_dir), f'{tag_dir} is missing'
-    assert set(os.listdir(tag_dir)) == SHARDS, sorted(os.listdir(tag_dir))
+    assert set(os.listdir(tag_dir)) == SHARDS | {checkpoints.CHECKSUMS}, sorted(os.listdir(tag_dir))
+    assert not checkpoints.verify_own_files(str(tag_dir), 0) and not checkpoints.verify_own_files(str(tag_dir), 1)
     states = {f: torch.load(os.path.join(tag_dir, f), map_location='cpu', weights_only=False) for f in SHARDS}
     model = states['mp_rank_00_model_states.pt']
     assert model['iter_num'] == iter_num and len(model['rng_states']) == 2
@@ -176,14 +177,6 @@ class Killed(BaseException):
     pass
 
 
-def script_functions(**namespace):
-    """Every function train_deepspeed.py defines, sharing one namespace that holds the globals they read."""
-    tree = ast.parse(open(os.path.join(REPO, 'train_deepspeed.py')).read())
-    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-    exec(compile(ast.Module(body=functions, type_ignores=[]), 'train_deepspeed.py', 'exec'), namespace)
-    return namespace
-
-
 def fake_shards(folder, iter_num):
     os.makedirs(folder, exist_ok=True)
     for name in SHARDS:
@@ -192,69 +185,65 @@ def fake_shards(folder, iter_num):
 
 def iter_of(folder):
     """The iter_num every shard holds, when all are there and load; None otherwise."""
-    if not os.path.isdir(folder) or set(os.listdir(folder)) != SHARDS:
+    if not os.path.isdir(folder) or not SHARDS <= set(os.listdir(folder)):
         return None
     found = {torch.load(os.path.join(folder, f), weights_only=False)['iter_num'] for f in SHARDS}
     return found.pop() if len(found) == 1 else None
 
 
-class Dist:
-    @staticmethod
-    def all_gather_object(gathered, obj):
-        gathered[:] = [obj] * len(gathered)
-
-    @staticmethod
-    def barrier():
-        pass
-
-
-def saver(out_dir, iter_num, kill_at=None, half=False):
-    """save(tag) of train_deepspeed.py on rank 0 of a world of one, whose file operations (os.replace, rename,
-    remove, rmdir, makedirs, mkdir, shutil.rmtree, open for writing) and DeepSpeed's save_checkpoint are counted in
-    ops; with kill_at=k it dies before op k, or with half=True half-way through op k when that is an rmtree (one
-    file removed) or the shard writing (one shard written)."""
+def killable(monkeypatch, iter_num, kill_at=None, half=False):
+    """checkpoints.py's file operations (os.replace, remove, rmdir, makedirs, shutil.rmtree, open for writing)
+    counted in ops; with kill_at=k the process 'dies' before op k, or with half=True half-way through op k when
+    that is an rmtree (one file removed) or DeepSpeed's shard writing (one shard written). Returns (save, ops):
+    save(out, tag) makes the file operations of train_deepspeed.save() in its order."""
     ops = []
 
     def op(name, real):
         def run(*args, **kwargs):
-            where = (os.path.join(args[0], kwargs['tag']),) if name == 'save_checkpoint' else args[:2]
-            what = f"{name}({', '.join(os.path.basename(str(a)) for a in where)})"
+            what = f"{name}({', '.join(os.path.basename(str(a)) for a in args[:2])})"
             if len(ops) == kill_at:
-                if half and name == 'rmtree' and os.path.isdir(where[0]) and os.listdir(where[0]):
-                    os.remove(os.path.join(where[0], sorted(os.listdir(where[0]))[0]))
+                if half and name == 'rmtree' and os.path.isdir(args[0]) and os.listdir(args[0]):
+                    os.remove(os.path.join(args[0], sorted(os.listdir(args[0]))[0]))
                 if half and name == 'save_checkpoint':  # one shard written, the others not yet
-                    os.makedirs(where[0])
-                    torch.save({'iter_num': iter_num}, os.path.join(where[0], sorted(SHARDS)[0]))
+                    os.makedirs(args[0])
+                    torch.save({'iter_num': iter_num}, os.path.join(args[0], sorted(SHARDS)[0]))
                 raise Killed(what)
             ops.append(what)
             return real(*args, **kwargs)
         return run
 
     class KillableOs:
+        path = os.path
+
         def __getattr__(self, name):
             real = getattr(os, name)
-            return op(name, real) if name in ('replace', 'rename', 'remove', 'unlink', 'rmdir', 'makedirs', 'mkdir') else real
+            return op(name, real) if name in ('replace', 'rename', 'remove', 'unlink', 'rmdir', 'makedirs') else real
 
     class KillableShutil:
         def __getattr__(self, name):
             real = getattr(shutil, name)
-            return op(name, real) if name in ('rmtree', 'move', 'copytree') else real
-
-    def write_shards(save_dir, tag, client_state, save_latest=True):  # DeepSpeed's part: every rank's shards
-        fake_shards(os.path.join(save_dir, tag), client_state['iter_num'])
-
-    class Engine:
-        save_checkpoint = staticmethod(op('save_checkpoint', write_shards))
+            return op(name, real) if name in ('rmtree', 'move') else real
 
     def write_open(path, mode='r', *args, **kwargs):
         return (op('open', open) if set(mode) & set('wax+') else open)(path, mode, *args, **kwargs)
 
-    ns = script_functions(
-        os=KillableOs(), shutil=KillableShutil(), open=write_open, print=lambda *a, **k: None,
-        random=__import__('random'), np=np, torch=torch, dist=Dist, model_engine=Engine, out_dir=str(out_dir),
-        on_gpu=False, batch_rng=np.random.default_rng(0), world_size=1, rank=0, local_rank=0, master_process=True,
-        iter_num=iter_num, best_val_loss=1.0, config={}, model_args={}, wandb_run=None)
-    return ns['save'], ops
+    monkeypatch.setattr(checkpoints, 'os', KillableOs())
+    monkeypatch.setattr(checkpoints, 'shutil', KillableShutil())
+    monkeypatch.setattr(checkpoints, 'open', write_open, raising=False)
+    write_shards = op('save_checkpoint', lambda folder: fake_shards(folder, iter_num))
+
+    def save(out, tag):
+        partial, tag_dir = os.path.join(out, tag + '.partial'), os.path.join(out, tag)
+        if os.path.isdir(partial):
+            checkpoints.shutil.rmtree(partial)
+        write_shards(partial)
+        sums = {}
+        for rank in (0, 1):
+            sums.update(checkpoints.checksum_own_files(partial, rank))
+        checkpoints.write_checksums(partial, sums)
+        checkpoints.swap_in(partial, tag_dir, out)
+        checkpoints.rotate(out, 2, keep={tag})
+    return save, ops
 
 
 def finished_run(out):
@@ -264,36 +253,39 @@ def finished_run(out):
     (out / 'latest').write_text('final')
 
 
-def check_kill_at_each_step(tmp_path, tag):
-    """Kill save(tag) at iter 6 before each of its file operations (and half-way through each rmtree and through
-    the shard writing): latest
-    must name a complete checkpoint after the kill, and the next save of the tag (by the resumed run, at iter 8)
-    must go through and leave nothing of the killed one behind."""
+def check_kill_at_each_step(tmp_path, monkeypatch, tag):
+    """Kill the save of tag at iter 6 before each of its file operations (and half-way through each rmtree and
+    through the shard writing): the resume must then find a complete checkpoint (tag_to_resume: the one latest
+    names, or its parked .old), and the next save of the tag (by the resumed run, at iter 8) must go through and
+    leave nothing of the killed one behind."""
     probe = tmp_path / 'probe'
     finished_run(probe)
-    save, ops = saver(probe, 6)
-    save(tag)
+    with monkeypatch.context() as m:
+        save, ops = killable(m, 6)
+        save(probe, tag)
     assert iter_of(probe / tag) == 6 and latest_of(probe) == tag
     broken = []
     for k in range(len(ops)):
         for half in ([False, True] if ops[k].startswith(('rmtree', 'save_checkpoint')) else [False]):
             out = tmp_path / f'kill_{k}{"_half" if half else ""}'
             finished_run(out)
-            save, _ = saver(out, 6, kill_at=k, half=half)
-            with pytest.raises(Killed):
-                save(tag)
             where = f'killed {"during" if half else "before"} {ops[k]}'
-            latest = latest_of(out)
-            if iter_of(out / latest) is None:
-                broken.append(f'{where}: latest names {latest}, not a complete checkpoint; out_dir has '
+            with monkeypatch.context() as m:
+                save, _ = killable(m, 6, kill_at=k, half=half)
+                with pytest.raises(Killed):
+                    save(out, tag)
+            _, folder = checkpoints.tag_to_resume(out)
+            if iter_of(out / folder) is None:
+                broken.append(f'{where}: the resume would load {folder}, not a complete checkpoint; out_dir has '
                               f'{sorted(os.listdir(out))}')
                 continue
-            save, _ = saver(out, 8)
-            try:
-                save(tag)
-            except OSError as e:
-                broken.append(f'{where}: the next save of {tag} fails: {e!r}')
-                continue
+            with monkeypatch.context() as m:
+                save, _ = killable(m, 8)
+                try:
+                    save(out, tag)
+                except OSError as e:
+                    broken.append(f'{where}: the next save of {tag} fails: {e!r}')
+                    continue
             if latest_of(out) != tag or iter_of(out / tag) != 8 or \
                     sorted(os.listdir(out)) != sorted({'iter_2', 'final', tag, 'latest'}):
                 broken.append(f'{where}: after the next save, latest = {latest_of(out)}, out_dir has '
@@ -301,23 +293,14 @@ def check_kill_at_each_step(tmp_path, tag):
     assert not broken, '\n'.join(broken)
 
 
-def test_a_save_of_a_new_tag_killed_at_any_step(tmp_path):
-    check_kill_at_each_step(tmp_path, 'iter_6')
+def test_a_save_of_a_new_tag_killed_at_any_step(tmp_path, monkeypatch):
+    check_kill_at_each_step(tmp_path, monkeypatch, 'iter_6')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in swap_in(): saving a tag that exists, killed between os.replace(<tag>, <tag>.old) and "
-    "os.replace(<tag>.partial, <tag>), leaves `latest` naming the missing <tag> (the resume dies: 'no checkpoint "
-    "at'); killed after the second rename but before <tag>.old is all removed, it leaves <tag>.old, and every "
-    "later save of the tag dies in os.replace(<tag>, <tag>.old): 'Directory not empty'"))
-def test_a_second_save_of_a_tag_killed_at_any_step(tmp_path):
-    check_kill_at_each_step(tmp_path, 'final')
+def test_a_second_save_of_a_tag_killed_at_any_step(tmp_path, monkeypatch):
+    check_kill_at_each_step(tmp_path, monkeypatch, 'final')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: after a kill between swap_in()'s two renames of a tag saved again, `latest` names a missing folder "
-    "and the resume dies ('no checkpoint at .../final') instead of resuming from final.old; a leftover "
-    "<tag>.old makes the save of <tag> die ('Directory not empty')"))
 def test_resume_after_a_kill_in_the_middle_of_a_swap(reference, tmp_path):
     """The real 2-rank resume from what kills leave behind: `final` being saved a second time, killed between
     the renames (final.old and final.partial complete, no final, latest = final); and beside iter_8, an iter_8.old
