@@ -41,6 +41,8 @@ def find_checkpoint(out_dir, tag=''):
         if not os.path.isfile(latest):
             raise SystemExit(f"error: {out_dir} has no 'latest' file: name a checkpoint with --tag (found: {', '.join(tags) or 'none'})")
         tag = open(latest).read().strip()
+    if tag not in tags and model_state_files(os.path.join(out_dir, tag + '.old')):
+        return out_dir, tag + '.old'  # killed between parking the old save and renaming the new one in (as resume does)
     if tag not in tags:
         raise SystemExit(f"error: no checkpoint '{tag}' in {out_dir}: its checkpoints are {', '.join(tags) or 'none'}")
     return out_dir, tag
