@@ -8,10 +8,12 @@ into place, an overwritten tag is parked as <tag>.old, and a rotated one is rena
 """
 import json
 import os
+import random
 import re
 import shutil
 import zlib
 
+import numpy as np
 import torch
 
 CHECKSUMS = 'checksums.json'
@@ -156,3 +158,19 @@ def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
     return (f'{out_dir} has {free / 2**30:.2f} GiB free, a checkpoint needs about {need / 2**30:.2f} GiB plus '
             f'min_free_disk_mb={min_free_disk_mb}: stopped before writing it; free space (or lower --keep_last_n) '
             f'and resume with --init_from=resume')
+
+
+def rng_streams(batch_rng):
+    """This rank's random streams, saved with every checkpoint so that a resumed run draws what an unbroken one would."""
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            'batch': batch_rng.bit_generator.state}
+
+
+def restore_rng_streams(streams, batch_rng):
+    random.setstate(streams['python'])
+    np.random.set_state(streams['numpy'])
+    torch.set_rng_state(streams['torch'])
+    if torch.cuda.is_available() and streams.get('cuda') is not None:
+        torch.cuda.set_rng_state(streams['cuda'])
+    batch_rng.bit_generator.state = streams['batch']

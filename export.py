@@ -10,7 +10,6 @@ Any ZeRO stage (0-3), any number of ranks, fp32/bf16/fp16 runs. ZeRO 1-3 shards 
 own deepspeed.utils.zero_to_fp32, which reads the fp32 master weights, not the 16-bit working copies.
 """
 import os
-import pickle
 import shutil
 import sys
 

@@ -147,3 +147,41 @@ def write_run_json(out_dir, info):
     with open(path, 'w') as f:
         json.dump({**info, 'versions': versions, 'git_commit': commit, 'git_dirty': dirty,
                    'started': time.strftime('%Y-%m-%dT%H:%M:%S%z')}, f, indent=1, default=str)
+
+
+class MetricsLog:
+    """log(record): a line of out_dir/metrics.jsonl, and the same figures to wandb (project given) and tensorboard,
+    with the iter as their step. Rank 0 writes; on the other ranks it does nothing."""
+
+    def __init__(self, out_dir, config, wandb_project, wandb_run_name, tensorboard_log, wandb_run_id, active):
+        self.path, self.wandb_run, self.tb_writer = os.path.join(out_dir, 'metrics.jsonl'), None, None
+        self.active = active
+        if active and wandb_project:
+            import wandb
+            self.wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config,
+                                        dir=out_dir, id=wandb_run_id, resume='allow')
+        if active and tensorboard_log:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb_writer = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
+
+    @property
+    def wandb_run_id(self):
+        return self.wandb_run.id if self.wandb_run else None
+
+    def __call__(self, record):
+        if not self.active:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        values = {k: v for k, v in record.items() if k != 'iter'}
+        if self.wandb_run:
+            self.wandb_run.log(values, step=record['iter'])
+        if self.tb_writer:
+            for k, v in values.items():
+                self.tb_writer.add_scalar(k, v, record['iter'])
+
+    def close(self):
+        if self.wandb_run:
+            self.wandb_run.finish()
+        if self.tb_writer:
+            self.tb_writer.close()

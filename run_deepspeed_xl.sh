@@ -90,9 +90,13 @@ micro=$(get batch_size); accum=$(get gradient_accumulation_steps)
 
 python -c "import json, sys; json.load(open(sys.argv[1]))" "$ds_config" 2>/dev/null \
   || fail "DeepSpeed config $ds_config is missing or not valid JSON (python -m json.tool $ds_config shows where)"
-case "$dataset" in */*) data_dir="$dataset" ;; *) data_dir="data/$dataset" ;; esac
+case "$dataset" in
+  {*) data_dir="the mix $dataset" ;;  # a {name: weight} mix: the trainer checks each of its folders
+  */*) data_dir="$dataset" ;;
+  *) data_dir="data/$dataset" ;;
+esac
 for split in train val; do
-  [ -f "$data_dir/$split.bin" ] || fail "$data_dir/$split.bin not found: run python $data_dir/prepare.py"
+  [[ "$dataset" == {* ]] || [ -f "$data_dir/$split.bin" ] || fail "$data_dir/$split.bin not found: run python $data_dir/prepare.py"
 done
 
 # disk: one checkpoint holds the weights and the fp32 Adam states, about 16 bytes per parameter

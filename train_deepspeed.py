@@ -11,13 +11,10 @@ Resume from the newest checkpoint, or from a tag:
 $ deepspeed --num_gpus 4 train_deepspeed.py --init_from=resume [--resume_tag=iter_10]
 """
 import filecmp
-import json
 import math
 import os
 import pickle
-import random
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -29,7 +26,8 @@ import checkpoints
 import data_sources
 
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source, pretrained_config
-from perf import PhaseTimer, device_peak_flops, log_line, memory_mb, write_run_json
+from perf import MetricsLog, PhaseTimer, device_peak_flops, log_line, memory_mb, write_run_json
+from preemption import StopFlag
 
 # -----------------------------------------------------------------------------
 # defaults: gpt2-xl on Shakespeare, 4x V100-32GB, ZeRO-2 fp16 (~303 ms/iter, 15-16 GB per GPU)
@@ -287,13 +285,7 @@ if init_from == 'resume':
     iter_num, best_val_loss = client_state['iter_num'], client_state['best_val_loss']
     best_tag, evals_without_gain = client_state.get('best_tag'), client_state.get('evals_without_gain', 0)
     if len(client_state['rng_states']) == world_size:  # every rank continues its own random streams
-        rng = client_state['rng_states'][rank]
-        random.setstate(rng['python'])
-        np.random.set_state(rng['numpy'])
-        torch.set_rng_state(rng['torch'])
-        if on_gpu and rng.get('cuda') is not None:
-            torch.cuda.set_rng_state(rng['cuda'])
-        batch_rng.bit_generator.state = rng['batch']
+        checkpoints.restore_rng_streams(client_state['rng_states'][rank], batch_rng)
     else:  # fresh streams, also new to each rank: continuing, but not what an unbroken run would have drawn
         batch_rng = np.random.default_rng([seed, rank, iter_num])
         torch.manual_seed(seed + rank + 1000 * iter_num)
@@ -328,27 +320,9 @@ if master_process:
           f'MFU not shown: no peak known for {devices[0]} in {dtype}; give --peak_flops=<FLOP/s of one device>')
 
 
-wandb_run = tb_writer = None
-if master_process and wandb_log:
-    import wandb
-    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, dir=out_dir,
-                           id=client_state.get('wandb_run_id') if resumed_at is not None else None, resume='allow')
-if master_process and tensorboard_log:
-    from torch.utils.tensorboard import SummaryWriter
-    tb_writer = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
-
-
-def log_record(record):
-    """One line of metrics.jsonl, and the same figures to wandb and tensorboard with the iter as their step."""
-    if master_process:
-        with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
-        values = {k: v for k, v in record.items() if k != 'iter'}
-        if wandb_run:
-            wandb_run.log(values, step=record['iter'])
-        if tb_writer:
-            for k, v in values.items():
-                tb_writer.add_scalar(k, v, record['iter'])
+# metrics.jsonl, and wandb / tensorboard when asked for; a resumed run continues its checkpoint's wandb run
+log_record = MetricsLog(out_dir, config, wandb_project if wandb_log else None, wandb_run_name, tensorboard_log,
+                        client_state.get('wandb_run_id') if resumed_at is not None else None, master_process)
 
 
 def get_lr(it):
@@ -392,10 +366,8 @@ def save(tag):
     into <tag>.partial; then rank 0 (and the first rank of a node with a disk of its own) swaps it in for an older
     <tag>, points 'latest' at it and removes the iter_* tags beyond keep_last_n. A kill at any moment, or a save by
     another number of ranks over an older tag, leaves 'latest' naming a complete folder."""
-    rng = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-           'cuda': torch.cuda.get_rng_state() if on_gpu else None, 'batch': batch_rng.bit_generator.state}
     gathered = [None] * world_size  # every rank's RNG streams, each node's free disk, each rank's last loss
-    dist.all_gather_object(gathered, (rng, checkpoints.disk_shortfall(out_dir, model.get_num_params(), dtype,
+    dist.all_gather_object(gathered, (checkpoints.rng_streams(batch_rng), checkpoints.disk_shortfall(out_dir, model.get_num_params(), dtype,
                                                                       min_free_disk_mb) if local_rank == 0 else '',
                                       nonfinite_streak.item()))
     if any(short for _, short, _ in gathered):
@@ -404,7 +376,7 @@ def save(tag):
         stop_nonfinite(f'at iter {iter_num - 1}, just before saving {tag}')
     client = dict(iter_num=iter_num, best_val_loss=best_val_loss, best_tag=best_tag, evals_without_gain=evals_without_gain,
                   config=config, model_args=model_args, rng_states=[r for r, _, _ in gathered],
-                  wandb_run_id=wandb_run.id if wandb_run else None)
+                  wandb_run_id=log_record.wandb_run_id)
     tag_dir, partial = os.path.join(out_dir, tag), os.path.join(out_dir, tag + '.partial')
     if local_rank == 0 and os.path.isdir(partial):
         shutil.rmtree(partial, ignore_errors=True)  # the remains of a killed save
@@ -433,19 +405,7 @@ if master_process and progress and sys.stdout.isatty():
     from tqdm import tqdm
     bar = tqdm(total=max_iters, initial=iter_num, unit='iter', dynamic_ncols=True)
 say = bar.write if bar else print  # log lines above the bar, not through it
-stop_signal = None  # (name, time) of the first SIGTERM/SIGINT: finish this step, save, exit 0
-
-
-def on_signal(signum, frame):
-    global stop_signal
-    if stop_signal is None:
-        stop_signal = (signal.Signals(signum).name, time.time())
-    elif time.time() - stop_signal[1] > 2:  # a second signal; DeepSpeed's launcher forwards a copy of the first at once
-        os._exit(128 + signum)
-
-
-signal.signal(signal.SIGTERM, on_signal)
-signal.signal(signal.SIGINT, on_signal)
+stop_signal = StopFlag()  # the first SIGTERM/SIGINT: finish this step, save, exit 0; a second: exit at once
 stop_group = dist.new_group(backend='gloo') if on_gpu else None  # the stop flag travels on the CPU: no GPU sync
 nonfinite_streak = torch.zeros((), device=device)  # iterations in a row with a NaN/inf loss, kept on the device
 nonfinite_worst = torch.zeros((), device=device)  # the longest such streak since the last log line
@@ -514,7 +474,7 @@ while True:
     if not model_engine.skipped_steps > skipped_before:  # an fp16 step its loss scaler skipped harmed nothing
         nonfinite_streak = torch.where(torch.isfinite(loss_sum), 0.0, nonfinite_streak + 1)
         nonfinite_worst = torch.maximum(nonfinite_worst, nonfinite_streak)
-    stop_flag = torch.tensor(float(stop_signal is not None))
+    stop_flag = torch.tensor(float(bool(stop_signal)))
     dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, group=stop_group)  # the ranks agree on where to stop
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
@@ -547,7 +507,7 @@ while True:
     if stop_flag.item() and iter_num < max_iters:  # pre-empted: every rank saves this step's state, then exits 0
         save(f'iter_{iter_num}')
         if master_process:
-            say(f"{stop_signal[0] if stop_signal else 'a signal to another rank'}: stopped after iter {iter_num - 1} "
+            say(f"{stop_signal.signal_name or 'a signal to another rank'}: stopped after iter {iter_num - 1} "
                 f"and saved {os.path.join(out_dir, f'iter_{iter_num}')}; go on with --init_from=resume")
         preempted = True
         break
@@ -574,10 +534,7 @@ if not eval_only and not preempted:
         out = model_engine.module.generate(start, sample_max_new_tokens, temperature=0.8, top_k=200)
         if master_process:
             print('-' * 40 + '\n' + decode(out[0].tolist()) + '\n' + '-' * 40)
-if wandb_run:
-    wandb_run.finish()
-if tb_writer:
-    tb_writer.close()
+log_record.close()
 
 # gloo can abort at interpreter exit ('terminate called without an active exception') after the work
 # is done, failing the launcher at random: leave the process group, flush, and exit at once instead

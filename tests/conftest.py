@@ -77,10 +77,15 @@ def loss_of(model, x, y):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1)).item()
 
 
+def one_source(folder):
+    """The data globals get_batch reads, for a single dataset."""
+    return dict(sources={'data': (folder, 1.0)}, source_names=['data'], source_weights=[1.0])
+
+
 def batches_of(dataset, seeds, split, count, batch_size=8, block_size=32):
     """The batches train_deepspeed.py's get_batch draws from np.random.default_rng(seeds)."""
-    get_batch = script_function('get_batch', np=np, torch=torch, os=os, data_dir=os.path.join(REPO, 'data', dataset),
-                                block_size=block_size, batch_size=batch_size, on_gpu=False)
+    get_batch = script_function('get_batch', np=np, torch=torch, os=os, block_size=block_size, batch_size=batch_size,
+                                on_gpu=False, **one_source(os.path.join(REPO, 'data', dataset)))
     rng = np.random.default_rng(seeds)
     return [get_batch(split, rng) for _ in range(count)]
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 
-import numpy as np
 import pytest
 import torch
 

@@ -6,15 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from conftest import script_function
+from conftest import one_source, script_function
 
 
 def test_get_batch(tmp_path):
     import torch
     tokens = np.arange(1000, dtype=np.uint16)
     tokens.tofile(tmp_path / 'train.bin')
-    get_batch = script_function('get_batch', np=np, torch=torch, os=os, data_dir=str(tmp_path), block_size=16,
-                                batch_size=5, on_gpu=False)
+    get_batch = script_function('get_batch', np=np, torch=torch, os=os, block_size=16, batch_size=5, on_gpu=False,
+                                **one_source(str(tmp_path)))
     x, y = get_batch('train', np.random.default_rng([1, 0]))
     assert x.shape == y.shape == (5, 16) and x.dtype == torch.int64
     assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
