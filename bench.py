@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
-from perf import gpu_peak_flops, measured_cpu_flops
+from perf import PHASES, PhaseTimer, gpu_peak_flops, measured_cpu_flops
 
 # -----------------------------------------------------------------------------
 n_layer, n_head, n_embd, block_size = 4, 4, 256, 128
@@ -145,6 +145,29 @@ with tempfile.TemporaryDirectory() as workdir:
             print(f"{rows[-1]['name']:<48} {tps:>12,.0f} tok/s  MFU {rows[-1]['mfu'] or 0:6.1%}  "
                   f"{rows[-1]['ratio_vs_plain']:.3f}x plain", flush=True)
 
+
+
+def timer_cost_s(marks=20000):
+    """What one PhaseTimer mark costs in the loop: a perf_counter (CPU) or a recorded CUDA event (GPU), kept in a list
+    until the log line reads them (fractions() runs once a log interval and is not counted here)."""
+    timer = PhaseTimer(use_events=on_gpu)
+    t0 = time.perf_counter()
+    for i in range(marks):
+        timer.mark(PHASES[i % len(PHASES)])
+        if len(timer.marks) > 1000:  # a log interval's worth, as in the loop
+            timer.marks = timer.marks[-1:]
+    if on_gpu:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / marks
+
+
+zero2 = next((r for r in rows if r['name'].endswith('ZeRO-2, 1 rank')), None)
+if zero2:  # the trainer marks 'other' and 'data' once an iteration, then data/forward/backward/step per micro step
+    accumulation = global_batch // batch_size
+    marks, mark_s = 4 * accumulation + 1, timer_cost_s()
+    iter_s = global_batch * block_size / zero2['tokens_per_s']
+    print(f'phase timers: {mark_s * 1e6:.2f} us a mark x {marks} marks an iteration = {marks * mark_s * 1e3:.3f} ms, '
+          f'{marks * mark_s / iter_s:.4%} of the ZeRO-2 1-rank iteration ({iter_s * 1e3:.0f} ms)')
 print(f'\n{len(rows)} rows; {dtype}; micro batch {batch_size}, {global_batch} sequences of {block_size} per step; '
       f'median of {iters} iters after {warmup_iters}, best of {repeats} rounds; peak: {peak / 1e12:.3g} TFLOP/s ({peak_note})')
 if json:

@@ -1,5 +1,6 @@
 """bench.py end to end on a tiny model: the plain loop and the real trainer on DeepSpeed, one table, JSON rows."""
 import json
+import re
 import sys
 
 from conftest import ok, run
@@ -17,3 +18,5 @@ def test_bench_rows(tmp_path):
     assert rows[0]['ratio_vs_plain'] == 1.0 and all(r['tokens_per_s'] > 0 and 0 < r['mfu'] < 1 for r in rows)
     assert abs(rows[1]['ratio_vs_plain'] - rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']) < 1e-9
     assert 'DeepSpeed ZeRO-2, 1 rank' in proc.stdout and 'x plain' in proc.stdout
+    cost = re.search(r'phase timers: ([\d.]+) us a mark x 9 marks an iteration = [\d.]+ ms, ([\d.]+)% of', proc.stdout)
+    assert cost and float(cost.group(1)) < 50 and float(cost.group(2)) < 2  # the issue's bound, measured directly

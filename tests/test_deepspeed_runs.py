@@ -37,7 +37,7 @@ def test_trains_and_checkpoints(tmp_path, stage):
     files = sorted(os.listdir(out / 'final'))
     optim = [f'zero_pp_rank_{r}_mp_rank_00_optim_states.pt' for r in (0, 1)]
     model = ['mp_rank_00_model_states.pt'] if stage == 2 else [f'zero_pp_rank_{r}_mp_rank_00_model_states.pt' for r in (0, 1)]
-    assert files == sorted(optim + model)
+    assert files == sorted(optim + model + ['checksums.json'])
     state = torch.load(out / 'final' / model[0], map_location='cpu', weights_only=False)
     assert state['iter_num'] == 30 and state['model_args']['n_layer'] == 2 and len(state['rng_states']) == 2
     assert state['model_args']['vocab_size'] == 84  # from data/shakespeare_char/meta.pkl, not GPT-2's 50304

@@ -174,7 +174,7 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     evals = [r for r in metrics(out) if 'val_loss' in r]
     assert evals[-1]['iter'] == 6 and evals[-1]['val_loss'] < evals[-2]['val_loss']
     # the new final is one rank's checkpoint throughout: no shard of the 2-rank save is left in it
-    assert sorted(os.listdir(out / 'final')) == ['zero_pp_rank_0_mp_rank_00_model_states.pt',
+    assert sorted(os.listdir(out / 'final')) == ['checksums.json', 'zero_pp_rank_0_mp_rank_00_model_states.pt',
                                                  'zero_pp_rank_0_mp_rank_00_optim_states.pt']
     assert (out / 'latest').read_text() == 'final'
 
