@@ -65,7 +65,7 @@ def read_saved(folder):
 
 
 def owned_by(name, rank):
-    """The rank that checksums a shard: DeepSpeed names each rank's files zero_pp_rank_<r>_...; rank 0 takes the rest."""
+    """The rank that checksums a file: DeepSpeed names each rank's zero_pp_rank_<r>_...; rank 0 takes the rest."""
     match = re.search(r'zero_pp_rank_(\d+)_', name)
     return (int(match.group(1)) if match else 0) == rank
 
@@ -124,6 +124,14 @@ def swap_in(partial, tag_dir, out_dir):
     os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
 
 
+def put_in_place(partial, tag_dir, sums, keep_last_n, keep):
+    """A finished save: its checksums (every rank's share), the swap, then the rotation. Returns the removed tags."""
+    write_checksums(partial, {name: crc for rank_sums in sums for name, crc in rank_sums.items()})
+    out_dir = os.path.dirname(tag_dir)
+    swap_in(partial, tag_dir, out_dir)
+    return rotate(out_dir, keep_last_n, keep)
+
+
 def rotate(out_dir, keep_last_n, keep):
     """Remove iter_<n> tags beyond the newest keep_last_n, never one named in keep (the best, the one just saved);
     'final' and any other name are not iter_<n> and so never removed. Returns the removed tags."""
@@ -161,7 +169,7 @@ def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
 
 
 def rng_streams(batch_rng):
-    """This rank's random streams, saved with every checkpoint so that a resumed run draws what an unbroken one would."""
+    """This rank's random streams, saved in every checkpoint: a resumed run draws what an unbroken one would."""
     return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             'batch': batch_rng.bit_generator.state}

@@ -266,9 +266,9 @@ if keep_last_n < 1:
 if init_from == 'resume' and universal:
     ds_config['checkpoint'] = {**ds_config.get('checkpoint', {}), 'load_universal': True}
 elif init_from == 'resume' and saved['stage'] > 0 and saved['world_size'] != world_size:
-    die(f"{tag_dir} holds ZeRO-{saved['stage']} shards for {saved['world_size']} ranks, this run has {world_size}: convert it "
-        f'once with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder '
-        f'{tag_dir} --output_folder {tag_dir}_universal` and resume with --resume_tag={tag}_universal')
+    die(f"{tag_dir} holds ZeRO-{saved['stage']} shards for {saved['world_size']} ranks, this run has {world_size}: "
+        f'convert it once with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal --inject_missing_state '
+        f'--input_folder {tag_dir} --output_folder {tag_dir}_universal` and resume with --resume_tag={tag}_universal')
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -279,8 +279,8 @@ if init_from == 'resume':
     except Exception as e:  # this rank's shard; the launcher stops the others
         load_path, client_state = None, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     if load_path is None:  # DeepSpeed returns (None, None) for a folder it finds nothing in
-        print(f'error: DeepSpeed could not load {tag_dir} on rank {rank} ({client_state}): resume from another tag '
-              f'with --resume_tag', file=sys.stderr, flush=True)
+        print(f'error: DeepSpeed could not load {tag_dir} on rank {rank} ({client_state or "nothing found"}): '
+              f'resume from another tag with --resume_tag', file=sys.stderr, flush=True)
         os._exit(1)
     iter_num, best_val_loss = client_state['iter_num'], client_state['best_val_loss']
     best_tag, evals_without_gain = client_state.get('best_tag'), client_state.get('evals_without_gain', 0)
@@ -366,17 +366,17 @@ def save(tag):
     into <tag>.partial; then rank 0 (and the first rank of a node with a disk of its own) swaps it in for an older
     <tag>, points 'latest' at it and removes the iter_* tags beyond keep_last_n. A kill at any moment, or a save by
     another number of ranks over an older tag, leaves 'latest' naming a complete folder."""
+    shortfall = checkpoints.disk_shortfall(out_dir, model.get_num_params(), dtype, min_free_disk_mb) \
+        if local_rank == 0 else ''
     gathered = [None] * world_size  # every rank's RNG streams, each node's free disk, each rank's last loss
-    dist.all_gather_object(gathered, (checkpoints.rng_streams(batch_rng), checkpoints.disk_shortfall(out_dir, model.get_num_params(), dtype,
-                                                                      min_free_disk_mb) if local_rank == 0 else '',
-                                      nonfinite_streak.item()))
+    dist.all_gather_object(gathered, (checkpoints.rng_streams(batch_rng), shortfall, nonfinite_streak.item()))
     if any(short for _, short, _ in gathered):
         die(next(short for _, short, _ in gathered if short))
     if any(streak for _, _, streak in gathered):  # never a NaN state over a good one
         stop_nonfinite(f'at iter {iter_num - 1}, just before saving {tag}')
-    client = dict(iter_num=iter_num, best_val_loss=best_val_loss, best_tag=best_tag, evals_without_gain=evals_without_gain,
-                  config=config, model_args=model_args, rng_states=[r for r, _, _ in gathered],
-                  wandb_run_id=log_record.wandb_run_id)
+    client = dict(iter_num=iter_num, best_val_loss=best_val_loss, best_tag=best_tag,
+                  evals_without_gain=evals_without_gain, config=config, model_args=model_args,
+                  rng_states=[r for r, _, _ in gathered], wandb_run_id=log_record.wandb_run_id)
     tag_dir, partial = os.path.join(out_dir, tag), os.path.join(out_dir, tag + '.partial')
     if local_rank == 0 and os.path.isdir(partial):
         shutil.rmtree(partial, ignore_errors=True)  # the remains of a killed save
@@ -384,14 +384,13 @@ def save(tag):
     model_engine.save_checkpoint(out_dir, tag=tag + '.partial', client_state=client, save_latest=False)
     sums = [None] * world_size  # also the barrier: every shard is written before anyone moves the folder
     dist.all_gather_object(sums, checkpoints.checksum_own_files(partial, rank))
-    for turn in ('rank 0', 'first rank of a node whose out_dir is its own disk'):
-        if master_process if turn == 'rank 0' else local_rank == 0 and os.path.isdir(partial):
-            checkpoints.write_checksums(partial, {k: v for s in sums for k, v in s.items()})
-            checkpoints.swap_in(partial, tag_dir, out_dir)
-            removed = checkpoints.rotate(out_dir, keep_last_n, keep={tag, best_tag})
-            if master_process:
-                print(f'saved checkpoint {tag_dir}' + (f" (removed {', '.join(removed)})" if removed else ''))
-        dist.barrier()  # nobody reads or writes out_dir/<tag> before it is in place
+    if master_process:
+        removed = checkpoints.put_in_place(partial, tag_dir, sums, keep_last_n, keep={tag, best_tag})
+        print(f'saved checkpoint {tag_dir}' + (f" (removed {', '.join(removed)})" if removed else ''))
+    dist.barrier()
+    if local_rank == 0 and os.path.isdir(partial):  # a node whose out_dir is its own disk, not rank 0's
+        checkpoints.put_in_place(partial, tag_dir, sums, keep_last_n, keep={tag, best_tag})
+    dist.barrier()  # nobody reads or writes out_dir/<tag> before it is in place
 
 
 # -----------------------------------------------------------------------------
@@ -416,7 +415,8 @@ def stop_nonfinite(where):
     kept = open(latest).read().strip() if os.path.isfile(latest) else None
     die(f'loss is NaN/inf {where} (lr {get_lr(iter_num):.3g}, {dtype}): stopped without saving; '
         + (f'the last checkpoint {kept} is untouched: resume from it with ' if kept else 'try ')
-        + 'a lower --learning_rate' + {'float32': '', 'bfloat16': ' or --dtype=float32'}.get(dtype, ' or --dtype=bfloat16'))
+        + 'a lower --learning_rate'
+        + {'float32': '', 'bfloat16': ' or --dtype=float32', 'float16': ' or --dtype=bfloat16'}[dtype])
 
 
 preempted = False
@@ -503,7 +503,8 @@ while True:
                 bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f'{tokens_per_s:,.0f}', refresh=False)
         log_record(record)
         if worst >= max_nonfinite:
-            stop_nonfinite(f'in {worst:.0f} iterations in a row (up to iter {iter_num - 1}; max_nonfinite={max_nonfinite})')
+            stop_nonfinite(f'in {worst:.0f} iterations in a row (up to iter {iter_num - 1}; '
+                           f'max_nonfinite={max_nonfinite})')
     if stop_flag.item() and iter_num < max_iters:  # pre-empted: every rank saves this step's state, then exits 0
         save(f'iter_{iter_num}')
         if master_process:

@@ -55,10 +55,11 @@ def ranks_of(proc):
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if '--local_rank=' in ' '.join(p.cmdline())]
 
 
-def wait_for_iters(out_dir, n, proc, timeout=180):
+def wait_for_iters(out_dir, n, proc, timeout=180, key='loss'):
+    """Until metrics.jsonl has n records with key ('loss': training iters, 'val_loss': evals)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.exists(out_dir / 'metrics.jsonl') and sum('loss' in r for r in metrics(out_dir)) >= n:
+        if os.path.exists(out_dir / 'metrics.jsonl') and sum(key in r for r in metrics(out_dir)) >= n:
             return
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.05)
@@ -78,7 +79,7 @@ def mix(tmp_path_factory):
 def test_preempted_mix_resumes_exactly(tmp_path, mix):
     """SIGTERM to the ranks: each finishes its step, they save together, exit 0; resumed, the run logs the losses of
     one that never stopped (dataset mix, dropout, gradient accumulation: every random stream is restored)."""
-    args = [*TINY, f'--dataset={mix}', '--dropout=0.1', '--gradient_accumulation_steps=6', '--max_iters=24',
+    args = [*TINY, f'--dataset={mix}', '--dropout=0.1', '--gradient_accumulation_steps=12', '--max_iters=24',
             '--eval_interval=8', '--lr_decay_iters=24']
     ok(launch([*args, f'--out_dir={tmp_path / "a"}']))
     out = tmp_path / 'b'
@@ -121,19 +122,20 @@ def test_run_script_ctrl_c_saves_and_exits_0(tmp_path):
 
 
 def test_second_signal_exits_at_once(tmp_path):
-    """A step of ~several seconds: the first SIGTERM waits for it, a second one 3 s later ends the run at once,
-    saving nothing."""
+    """The first step takes 5000 micro batches (half a minute or more): the first SIGTERM, sent once the eval at
+    iter 0 is logged, waits for it; a second one 3 s later ends the run at once, saving nothing."""
     out = tmp_path / 'out'
-    proc = start([*TINY, f'--out_dir={out}', '--gradient_accumulation_steps=400', '--max_iters=50'])
-    wait_for_iters(out, 1, proc)
-    for rank in ranks_of(proc):
+    proc = start([*TINY, f'--out_dir={out}', '--gradient_accumulation_steps=5000', '--max_iters=2'])
+    wait_for_iters(out, 1, proc, key='val_loss')
+    ranks = ranks_of(proc)
+    for rank in ranks:
         rank.send_signal(signal.SIGTERM)
     time.sleep(3)
     t = time.time()
-    for rank in ranks_of(proc):
+    for rank in ranks:
         rank.send_signal(signal.SIGTERM)
     stdout = proc.communicate(timeout=60)[0]
-    assert proc.returncode != 0 and time.time() - t < 15, stdout[-3000:]
+    assert proc.returncode != 0 and time.time() - t < 20, stdout[-3000:]
     assert 'stopped after iter' not in stdout and not (out / 'latest').exists()
 
 
