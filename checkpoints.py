@@ -147,6 +147,10 @@ def folder_bytes(folder):
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) if os.path.isdir(folder) else 0
 
 
+def size(n_bytes):
+    return f'{n_bytes / 2**30:.2f} GiB' if n_bytes >= 2**30 else f'{n_bytes / 2**20:.1f} MiB'
+
+
 def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
     """'' when out_dir's disk has room for one more checkpoint plus min_free_disk_mb, else the line that says so.
     The need is the newest checkpoint's size; before the first save, 4 or 2 bytes of weights and 12 bytes of fp32
@@ -163,7 +167,7 @@ def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
     free = shutil.disk_usage(probe).free
     if free - need >= min_free_disk_mb * 2**20:
         return ''
-    return (f'{out_dir} has {free / 2**30:.2f} GiB free, a checkpoint needs about {need / 2**30:.2f} GiB plus '
+    return (f'{out_dir} has {size(free)} free, a checkpoint needs about {size(need)} plus '
             f'min_free_disk_mb={min_free_disk_mb}: stopped before writing it; free space (or lower --keep_last_n) '
             f'and resume with --init_from=resume')
 
