@@ -33,12 +33,25 @@ def tag_to_resume(out_dir, resume_tag=''):
                                 'start with --init_from=scratch or a pretrained model'))
         with open(latest) as f:
             tag = f.read().strip()
-    for folder in (tag, tag + '.old'):
-        if shard_files(os.path.join(out_dir, folder)):
-            return tag, folder
+    folder = loadable_folder(out_dir, tag)
+    if folder:
+        return tag, folder
     found = ', '.join(complete_tags(out_dir)) if os.path.isdir(out_dir) else ''
     raise ValueError(f'no checkpoint at {os.path.join(out_dir, tag)}: name an existing tag with --resume_tag'
                      + (f' ({found})' if found else f' (there is none in {out_dir})'))
+
+
+def loadable_folder(out_dir, tag):
+    """<tag>, or <tag>.old when a kill landed between parking the older save and renaming the new one in; None."""
+    return next((f for f in (tag, tag + '.old') if shard_files(os.path.join(out_dir, f))), None)
+
+
+def existing_ancestor(path):
+    """path, or the nearest folder above it that exists (what a folder yet to be made will live on)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def shard_files(folder):
@@ -111,7 +124,7 @@ def verify_own_files(folder, rank):
     return ''
 
 
-def swap_in(partial, tag_dir, out_dir):
+def swap_in(partial, tag_dir):
     """Put a finished save in place of an older one of its tag, then point 'latest' at it, each step a rename.
     A kill between the first two renames leaves <tag>.old alone, which tag_to_resume falls back on."""
     if os.path.isdir(tag_dir):
@@ -119,6 +132,7 @@ def swap_in(partial, tag_dir, out_dir):
         os.replace(tag_dir, tag_dir + '.old')
     os.replace(partial, tag_dir)
     shutil.rmtree(tag_dir + '.old', ignore_errors=True)
+    out_dir = os.path.dirname(tag_dir)
     with open(os.path.join(out_dir, 'latest.tmp'), 'w') as f:
         f.write(os.path.basename(tag_dir))
     os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
@@ -127,9 +141,8 @@ def swap_in(partial, tag_dir, out_dir):
 def put_in_place(partial, tag_dir, sums, keep_last_n, keep):
     """A finished save: its checksums (every rank's share), the swap, then the rotation. Returns the removed tags."""
     write_checksums(partial, {name: crc for rank_sums in sums for name, crc in rank_sums.items()})
-    out_dir = os.path.dirname(tag_dir)
-    swap_in(partial, tag_dir, out_dir)
-    return rotate(out_dir, keep_last_n, keep)
+    swap_in(partial, tag_dir)
+    return rotate(os.path.dirname(tag_dir), keep_last_n, keep)
 
 
 def rotate(out_dir, keep_last_n, keep):
@@ -161,10 +174,7 @@ def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
         with open(latest) as f:
             need = folder_bytes(os.path.join(out_dir, f.read().strip()))
     need = need or n_params * ((4 if dtype == 'float32' else 2) + 12)
-    probe = out_dir
-    while not os.path.isdir(probe):  # a node whose out_dir is its own disk may not have made it yet
-        probe = os.path.dirname(os.path.abspath(probe))
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(existing_ancestor(out_dir)).free  # a node with its own disk may not have made it yet
     if free - need >= min_free_disk_mb * 2**20:
         return ''
     return (f'{out_dir} has {size(free)} free, a checkpoint needs about {size(need)} plus '

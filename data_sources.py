@@ -55,7 +55,7 @@ def vocabulary(folder):
         return None
     with open(path, 'rb') as f:
         meta = pickle.load(f)
-    return meta.get('stoi') or {'vocab_size': meta['vocab_size']}
+    return meta.get('stoi') or dict.fromkeys(range(meta['vocab_size']))  # no symbols saved: compare the sizes
 
 
 def describe(vocab):

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+import checkpoints
 from model import GPT, GPTConfig
 
 out_dir = 'out-shakespeare-xl-deepspeed'  # the run's out_dir (a tag folder inside it works too)
@@ -40,11 +41,10 @@ def find_checkpoint(out_dir, tag=''):
         if not os.path.isfile(latest):
             raise SystemExit(f"error: {out_dir} has no 'latest' file: name a checkpoint with --tag (found: {', '.join(tags) or 'none'})")
         tag = open(latest).read().strip()
-    if tag not in tags and model_state_files(os.path.join(out_dir, tag + '.old')):
-        return out_dir, tag + '.old'  # killed between parking the old save and renaming the new one in (as resume does)
-    if tag not in tags:
+    folder = tag if tag in tags else checkpoints.loadable_folder(out_dir, tag)  # <tag>.old after a kill mid-swap
+    if not folder:
         raise SystemExit(f"error: no checkpoint '{tag}' in {out_dir}: its checkpoints are {', '.join(tags) or 'none'}")
-    return out_dir, tag
+    return out_dir, folder
 
 
 def consolidate(out_dir, tag):

@@ -94,7 +94,7 @@ config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged
 
 
 def die(msg):
-    """Stop with one line, before anything is written. Every rank gets here with the same inputs."""
+    """Stop with one line, writing nothing more. Every rank gets here with the same inputs."""
     if os.environ.get('RANK', '0') == '0':
         print(f'error: {msg}', file=sys.stderr, flush=True)
     os._exit(1)
@@ -202,9 +202,7 @@ if dry_run:  # the plan, from the shape alone: a meta-device model (no weights, 
     sys.stdout.flush()
     os._exit(0)
 
-writable = os.path.abspath(out_dir)
-while not os.path.exists(writable):
-    writable = os.path.dirname(writable)
+writable = checkpoints.existing_ancestor(out_dir)
 if not os.path.isdir(writable) or not os.access(writable, os.W_OK | os.X_OK):
     die(f'out_dir={out_dir} cannot be written ({writable} is not a writable folder): choose another --out_dir')
 
@@ -277,9 +275,11 @@ if init_from == 'resume':
     try:
         load_path, client_state = model_engine.load_checkpoint(out_dir, tag=load_tag)
     except Exception as e:  # this rank's shard; the launcher stops the others
-        load_path, client_state = None, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    if load_path is None:  # DeepSpeed returns (None, None) for a folder it finds nothing in
-        print(f'error: DeepSpeed could not load {tag_dir} on rank {rank} ({client_state or "nothing found"}): '
+        load_path, reason = None, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    else:
+        reason = 'nothing found'  # DeepSpeed returns (None, None) for a folder it finds nothing in
+    if load_path is None:
+        print(f'error: DeepSpeed could not load {tag_dir} on rank {rank} ({reason}): '
               f'resume from another tag with --resume_tag', file=sys.stderr, flush=True)
         os._exit(1)
     iter_num, best_val_loss = client_state['iter_num'], client_state['best_val_loss']
@@ -338,11 +338,11 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches per split (and per dataset of a mix) on every rank, averaged across ranks;
-    a mix also gets the weighted mean as 'train' and 'val'. The eval batches are the same at every eval (a fresh
-    generator each time), so evals compare like for like."""
+    """{'train_loss', 'val_loss'}: the mean loss over eval_iters batches per split on every rank, averaged across
+    ranks; a mix has them per dataset too ('val_loss_<name>') and its weighted mean as 'val_loss'. The eval batches
+    are the same at every eval (a fresh generator each time), so evals compare like for like."""
     model_engine.eval()
-    keys, means = [], []
+    means = {}
     for split_id, split in enumerate(('train', 'val')):
         for name in source_names:
             rng = np.random.default_rng([seed, rank, 1 + split_id])
@@ -350,15 +350,16 @@ def estimate_loss():
             for k in range(eval_iters):
                 X, Y = get_batch(split, rng, name)
                 losses[k] = model_engine(X, Y)[1].float()
-            keys.append(f'{split}/{name}')
-            means.append(losses.mean())
-    means = torch.stack(means)
-    dist.all_reduce(means)  # every rank must run this, or the others wait forever
-    out = dict(zip(keys, (means / world_size).tolist()))
-    for split in ('train', 'val'):
-        out[split] = sum(out[f'{split}/{name}'] * weight for name, (_, weight) in sources.items())
+            means[split, name] = losses.mean()
+    reduced = torch.stack(list(means.values()))
+    dist.all_reduce(reduced)  # every rank must run this, or the others wait forever
+    means = dict(zip(means, (reduced / world_size).tolist()))
+    out = {f'{split}_loss': sum(means[split, name] * weight for name, (_, weight) in sources.items())
+           for split in ('train', 'val')}
+    if len(sources) > 1:
+        out.update({f'{split}_loss_{name}': loss for (split, name), loss in means.items()})
     model_engine.train()
-    return out if len(sources) > 1 else {'train': out['train'], 'val': out['val']}
+    return out
 
 
 def save(tag):
@@ -424,18 +425,18 @@ while True:
     if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
         losses = estimate_loss()
         if eval_only:
-            print(f"eval_only: rank {rank} of {world_size} has train loss {losses['train']:.6f}, "
-                  f"val loss {losses['val']:.6f} (averaged over ranks)", flush=True)
+            print(f"eval_only: rank {rank} of {world_size} has train loss {losses['train_loss']:.6f}, "
+                  f"val loss {losses['val_loss']:.6f} (averaged over ranks)", flush=True)
             break
         if master_process:
-            say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" + ''.join(
-                f", {k.split('/', 1)[1]} {v:.4f}" for k, v in losses.items() if k.startswith('val/')))
-        log_record({'iter': iter_num, **{k.replace('/', '_loss_') if '/' in k else f'{k}_loss': v
-                                         for k, v in losses.items()}})
+            say(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}" + ''.join(
+                f", {k[len('val_loss_'):]} {v:.4f}" for k, v in losses.items() if k.startswith('val_loss_')))
+        log_record({'iter': iter_num, **losses})
         if not all(map(math.isfinite, losses.values())):
             stop_nonfinite(f'in the eval at iter {iter_num}')
-        improved = losses['val'] < best_val_loss
-        best_val_loss, evals_without_gain = min(best_val_loss, losses['val']), 0 if improved else evals_without_gain + 1
+        improved = losses['val_loss'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val_loss'])
+        evals_without_gain = 0 if improved else evals_without_gain + 1
         if (improved or always_save_checkpoint) and 0 < iter_num < max_iters:  # max_iters is saved as 'final'
             best_tag = f'iter_{iter_num}' if improved else best_tag
             save(f'iter_{iter_num}')

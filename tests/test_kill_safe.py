@@ -3,8 +3,8 @@ and `latest` never names a tag whose shards are incomplete.
 
 The real 2-rank launcher is killed (SIGKILL to its whole process group) while a save is under way and just after
 one; the resumed runs must log the same losses as a run that was never killed. A save writes <tag>.partial and
-rank 0's swap_in() renames it into place; the real save() is also killed in-process before each of its file
-operations, for a new tag and for a tag saved a second time."""
+rank 0's checkpoints.put_in_place() renames it into place; that sequence is also killed in-process before each of
+its file operations, on real shards of the reference run, for a new tag and for a tag saved a second time."""
 import os
 import shutil
 import signal
@@ -167,34 +167,37 @@ def test_killed_during_a_save_and_just_after_one_resumes_as_if_never_killed(refe
 
 
 # -----------------------------------------------------------------------------
-# The real save() (and the swap_in() it calls), run in one process with a world of one faked around it, killed
-# before each of its file operations in turn. A tag saved a second time -- 'final' when a finished run is resumed
-# with a larger max_iters, iter_N after a resume from an older tag -- is the case where `latest` may already
-# name the tag being replaced.
+# train_deepspeed.save()'s file operations (DeepSpeed's shard writing, then checkpoints.put_in_place), run in one
+# process on real shards of the reference run and killed before each operation in turn. A tag saved a second
+# time -- 'final' when a finished run is resumed with a larger max_iters, iter_N after a resume from an older
+# tag -- is the case where `latest` may already name the tag being replaced.
 
 class Killed(BaseException):
     pass
 
 
-def fake_shards(folder, iter_num):
-    os.makedirs(folder, exist_ok=True)
-    for name in SHARDS:
-        torch.save({'iter_num': iter_num}, os.path.join(folder, name))
+def link_shards(src, dst, names=SHARDS):
+    """A real tag's shards, hard-linked (nothing writes a shard in place), without its checksums.json."""
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        os.link(os.path.join(src, name), os.path.join(dst, name))
 
 
 def iter_of(folder):
-    """The iter_num every shard holds, when all are there and load; None otherwise."""
-    if not os.path.isdir(folder) or not SHARDS <= set(os.listdir(folder)):
+    """The iter_num of a complete checkpoint (every shard there and matching its checksum); None otherwise."""
+    folder = str(folder)
+    if not os.path.isdir(folder) or not SHARDS | {checkpoints.CHECKSUMS} <= set(os.listdir(folder)) or \
+            checkpoints.verify_own_files(folder, 0) or checkpoints.verify_own_files(folder, 1):
         return None
-    found = {torch.load(os.path.join(folder, f), weights_only=False)['iter_num'] for f in SHARDS}
-    return found.pop() if len(found) == 1 else None
+    return torch.load(os.path.join(folder, 'mp_rank_00_model_states.pt'), map_location='cpu', mmap=True,
+                      weights_only=False)['iter_num']
 
 
-def killable(monkeypatch, iter_num, kill_at=None, half=False):
+def killable(monkeypatch, state, kill_at=None, half=False):
     """checkpoints.py's file operations (os.replace, remove, rmdir, makedirs, shutil.rmtree, open for writing)
     counted in ops; with kill_at=k the process 'dies' before op k, or with half=True half-way through op k when
-    that is an rmtree (one file removed) or DeepSpeed's shard writing (one shard written). Returns (save, ops):
-    save(out, tag) makes the file operations of train_deepspeed.save() in its order."""
+    that is an rmtree (one file removed) or the shard writing (one shard written). Returns (save, ops): save(out,
+    tag) writes the real shards of `state` (a reference tag folder) as DeepSpeed would, then puts them in place."""
     ops = []
 
     def op(name, real):
@@ -204,8 +207,7 @@ def killable(monkeypatch, iter_num, kill_at=None, half=False):
                 if half and name == 'rmtree' and os.path.isdir(args[0]) and os.listdir(args[0]):
                     os.remove(os.path.join(args[0], sorted(os.listdir(args[0]))[0]))
                 if half and name == 'save_checkpoint':  # one shard written, the others not yet
-                    os.makedirs(args[0])
-                    torch.save({'iter_num': iter_num}, os.path.join(args[0], sorted(SHARDS)[0]))
+                    link_shards(state, args[0], sorted(SHARDS)[:1])
                 raise Killed(what)
             ops.append(what)
             return real(*args, **kwargs)
@@ -229,48 +231,45 @@ def killable(monkeypatch, iter_num, kill_at=None, half=False):
     monkeypatch.setattr(checkpoints, 'os', KillableOs())
     monkeypatch.setattr(checkpoints, 'shutil', KillableShutil())
     monkeypatch.setattr(checkpoints, 'open', write_open, raising=False)
-    write_shards = op('save_checkpoint', lambda folder: fake_shards(folder, iter_num))
+    write_shards = op('save_checkpoint', lambda folder: link_shards(state, folder))
 
-    def save(out, tag):
+    def save(out, tag):  # as train_deepspeed.save(), on rank 0 of the two
         partial, tag_dir = os.path.join(out, tag + '.partial'), os.path.join(out, tag)
         if os.path.isdir(partial):
             checkpoints.shutil.rmtree(partial)
         write_shards(partial)
-        sums = {}
-        for rank in (0, 1):
-            sums.update(checkpoints.checksum_own_files(partial, rank))
-        checkpoints.write_checksums(partial, sums)
-        checkpoints.swap_in(partial, tag_dir, out)
-        checkpoints.rotate(out, 2, keep={tag})
+        sums = [checkpoints.checksum_own_files(partial, rank) for rank in (0, 1)]
+        checkpoints.put_in_place(partial, tag_dir, sums, 2, keep={tag})
     return save, ops
 
 
-def finished_run(out):
-    """out_dir of a run that saved iter_2 and final (iter 4)."""
-    fake_shards(out / 'iter_2', 2)
-    fake_shards(out / 'final', 4)
+def finished_run(reference, out):
+    """out_dir of a run that saved iter_2 and final, the real iter 2 and iter 4 states."""
+    for tag, source in (('iter_2', 'iter_2'), ('final', 'iter_4')):
+        link_shards(reference / source, out / tag)
+        shutil.copy(reference / source / checkpoints.CHECKSUMS, out / tag)
     (out / 'latest').write_text('final')
 
 
-def check_kill_at_each_step(tmp_path, monkeypatch, tag):
-    """Kill the save of tag at iter 6 before each of its file operations (and half-way through each rmtree and
-    through the shard writing): the resume must then find a complete checkpoint (tag_to_resume: the one latest
-    names, or its parked .old), and the next save of the tag (by the resumed run, at iter 8) must go through and
-    leave nothing of the killed one behind."""
+def check_kill_at_each_step(reference, tmp_path, monkeypatch, tag):
+    """Kill the save of tag (the iter 6 state) before each of its file operations (and half-way through each rmtree
+    and through the shard writing): the resume must then find a complete checkpoint (tag_to_resume: the one latest
+    names, or its parked .old), and the next save of the tag by the resumed run (here the iter 2 state again: any
+    other state will do) must go through and leave nothing of the killed one behind."""
     probe = tmp_path / 'probe'
-    finished_run(probe)
+    finished_run(reference, probe)
     with monkeypatch.context() as m:
-        save, ops = killable(m, 6)
+        save, ops = killable(m, reference / 'final')
         save(probe, tag)
     assert iter_of(probe / tag) == 6 and latest_of(probe) == tag
     broken = []
     for k in range(len(ops)):
         for half in ([False, True] if ops[k].startswith(('rmtree', 'save_checkpoint')) else [False]):
             out = tmp_path / f'kill_{k}{"_half" if half else ""}'
-            finished_run(out)
+            finished_run(reference, out)
             where = f'killed {"during" if half else "before"} {ops[k]}'
             with monkeypatch.context() as m:
-                save, _ = killable(m, 6, kill_at=k, half=half)
+                save, _ = killable(m, reference / 'final', kill_at=k, half=half)
                 with pytest.raises(Killed):
                     save(out, tag)
             _, folder = checkpoints.tag_to_resume(out)
@@ -279,25 +278,25 @@ def check_kill_at_each_step(tmp_path, monkeypatch, tag):
                               f'{sorted(os.listdir(out))}')
                 continue
             with monkeypatch.context() as m:
-                save, _ = killable(m, 8)
+                save, _ = killable(m, reference / 'iter_2')
                 try:
                     save(out, tag)
                 except OSError as e:
                     broken.append(f'{where}: the next save of {tag} fails: {e!r}')
                     continue
-            if latest_of(out) != tag or iter_of(out / tag) != 8 or \
+            if latest_of(out) != tag or iter_of(out / tag) != 2 or \
                     sorted(os.listdir(out)) != sorted({'iter_2', 'final', tag, 'latest'}):
                 broken.append(f'{where}: after the next save, latest = {latest_of(out)}, out_dir has '
                               f'{sorted(os.listdir(out))}')
     assert not broken, '\n'.join(broken)
 
 
-def test_a_save_of_a_new_tag_killed_at_any_step(tmp_path, monkeypatch):
-    check_kill_at_each_step(tmp_path, monkeypatch, 'iter_6')
+def test_a_save_of_a_new_tag_killed_at_any_step(reference, tmp_path, monkeypatch):
+    check_kill_at_each_step(reference, tmp_path, monkeypatch, 'iter_6')
 
 
-def test_a_second_save_of_a_tag_killed_at_any_step(tmp_path, monkeypatch):
-    check_kill_at_each_step(tmp_path, monkeypatch, 'final')
+def test_a_second_save_of_a_tag_killed_at_any_step(reference, tmp_path, monkeypatch):
+    check_kill_at_each_step(reference, tmp_path, monkeypatch, 'final')
 
 
 def test_resume_after_a_kill_in_the_middle_of_a_swap(reference, tmp_path):

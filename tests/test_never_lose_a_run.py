@@ -155,9 +155,8 @@ def test_rotation_keeps_the_newest_the_best_and_final(saved_run, tmp_path):
                 and not p.endswith('.py')]
 
     # the policy itself: the newest n by iter number, plus the ones to keep; other names untouched
-    for tag in ('iter_2', 'iter_4', 'iter_10', 'iter_12', 'final', 'iter_9.partial'):
-        (tmp_path / tag).mkdir()
-        (tmp_path / tag / 'mp_rank_00_model_states.pt').write_bytes(b'x')
+    for tag in ('iter_2', 'iter_4', 'iter_10', 'iter_12', 'final', 'iter_9.partial'):  # real shards, hard-linked
+        shutil.copytree(out / 'final', tmp_path / tag, copy_function=os.link)
     assert checkpoints.rotate(tmp_path, 2, keep={'iter_2'}) == ['iter_4']
     assert sorted(os.listdir(tmp_path)) == ['final', 'iter_10', 'iter_12', 'iter_2', 'iter_9.partial']
 
