@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
-from perf import PHASES, PhaseTimer, gpu_peak_flops, measured_cpu_flops
+from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
 
 # -----------------------------------------------------------------------------
 n_layer, n_head, n_embd, block_size = 4, 4, 256, 128
@@ -112,7 +112,10 @@ if on_gpu:
     peak = gpu_peak_flops(torch.cuda.get_device_name(), dtype) or 0.0
     peak_note = f'{torch.cuda.get_device_name()} data sheet' if peak else 'unknown GPU: MFU not shown'
 else:  # per rank, with the threads a rank gets; the plain loop's MFU uses the whole-machine figure
-    peak, peak_note = measured_cpu_flops(dtype), 'a matmul timed here, all cores'
+    gemms = model_gemms(batch_size * block_size, n_embd, vocab_size)
+    peak = max(matmul_flops(dtype, *gemm, seconds=0.15) for gemm in gemms)
+    peak_note = "the model's matmuls timed here"
+
 rows = []
 with tempfile.TemporaryDirectory() as workdir:
     for label, shape in shapes.items():

@@ -54,9 +54,8 @@ def configure(namespace, argv=None, dict_keys=()):
     try:
         overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults, dict_keys)
     except ValueError as e:
-        if os.environ.get('RANK', '0') == '0':
-            print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        from ds_setup import die  # only now: it loads torch, which `python configurator.py` needs not
+        die(str(e), exit_code=2)
     namespace.update(overrides)
     return list(defaults), overrides
 

@@ -1,14 +1,90 @@
 """
 DeepSpeed set-up that the trainer needs but a reader of its loop does not: resolving the JSON config against
-the script's constants, and starting the process group with two fixes for DeepSpeed's CPU backend.
+the script's constants, the precision this device computes well, starting the process group with two fixes
+for DeepSpeed's CPU backend, and the one way a run stops on a user error.
 """
 import json
 import os
+import signal
 import sys
 import time
 
-import deepspeed
+import torch
 import torch.distributed as dist
+
+from perf import matmul_flops
+
+# a bf16 step also converts and keeps fp32 master weights: its matmul must be this much faster than fp32's
+# to pay (the demo's model: a matmul at 0.5-1.1x fp32's gave steps 1.4x slower on a Xeon with AVX512-BF16)
+BF16_PAYS_FROM = 1.5
+# how long a rank other than 0 that found a problem every rank finds waits for rank 0 to say it
+RANK0_SAYS_IT_S = 20
+
+
+def die(msg, alone=False, exit_code=1):
+    """Stop with one 'error:' line and exit 1 (or exit_code), writing nothing more. Every rank checks the
+    same inputs: rank 0 says it at once, and another rank waits for the launcher to stop it once rank 0 has
+    exited (were it to exit first, the launcher could kill rank 0 before its line came out). A rank that
+    alone knows the problem (alone=True), or whose rank 0 never comes, says it itself."""
+    rank = int(os.environ.get('RANK', '0'))
+    if rank != 0 and not alone:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)  # the launcher's stop ends the wait, not a save
+        time.sleep(RANK0_SAYS_IT_S)
+    print(f'error: {msg}', file=sys.stderr, flush=True)
+    os._exit(exit_code)
+
+
+def cpu_bf16_native():
+    """Whether this CPU has bf16 kernels (AVX512-BF16 or AMX, as oneDNN sees it). Where it has not, torch
+    emulates bf16, about 60x slower than fp32 (an AVX2 EPYC: 1.2 vs 74 GFLOP/s). ONEDNN_MAX_CPU_ISA=AVX2
+    with ATEN_CPU_CAPABILITY=avx2 makes a newer CPU answer, and compute, as an AVX2 one does."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=False, bf16_speedup=0.0):
+    """(dtype, why) for dtype='auto'; an explicit dtype is kept (why: ''). GPUs: bf16 from Ampere (compute
+    capability 8) on, fp16 before. CPUs: fp32 where bf16 is emulated; where it is native, bf16 only if its
+    matmul at the model's shape is clearly faster than fp32's (bf16_speedup, measured: 0.0 until then).
+    Native is not enough: with AVX512-BF16 and no AMX, the demo's model ran 1.4x slower in bf16 on one
+    Xeon, and a 3M-parameter one 1.5x faster on one EPYC. A dry run planning GPUs from a machine without one
+    plans bf16."""
+    if dtype != 'auto':
+        return dtype, ''
+    if planning_gpus and not on_gpu:
+        return 'bfloat16', 'planning GPUs from a machine without one: bf16, as from Ampere on (fp16 before)'
+    if on_gpu:
+        if gpu_major >= 8:
+            return 'bfloat16', f'the GPU has compute capability {gpu_major}.x (bf16 from 8.0, Ampere, on)'
+        return 'float16', f'the GPU has compute capability {gpu_major}.x, before bf16 (8.0, Ampere)'
+    if not bf16_native:
+        capability = torch.backends.cpu.get_cpu_capability()
+        return 'float32', f'this CPU ({capability}) has no bf16 kernels: bf16 would be emulated, ~60x slower'
+    speed = f"this CPU's bf16 matmul runs {bf16_speedup:.2f}x fp32's at the model's shape"
+    if bf16_speedup >= BF16_PAYS_FROM:
+        return 'bfloat16', speed
+    if not bf16_speedup:
+        return 'float32', "until bf16 is timed at the model's shape"
+    return 'float32', f'{speed}, below {BF16_PAYS_FROM}x'
+
+
+def bf16_speedup(tokens, n_embd, collective):
+    """How much faster this CPU's bf16 matmul is than fp32's, at the model's MLP shape. Collective (every rank
+    times, all take the mean) so that every rank picks the same dtype."""
+    speeds = torch.tensor([matmul_flops(dtype, tokens, n_embd, 4 * n_embd, seconds=0.1)
+                           for dtype in ('bfloat16', 'float32')], dtype=torch.float64)
+    if collective:
+        dist.all_reduce(speeds)
+    return (speeds[0] / speeds[1]).item()
+
+
+def emulated_bf16_warning():
+    """The warning for an explicit bf16 on a CPU that emulates it, with the slowdown measured here."""
+    fp32, bf16 = matmul_flops('float32', seconds=0.2), matmul_flops('bfloat16', seconds=0.2)
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (f'warning: dtype=bfloat16 on a CPU ({capability}) without bf16 kernels: a bf16 matmul runs '
+            f'{fp32 / bf16:.0f}x slower than fp32 here ({bf16 / 1e9:.1f} vs {fp32 / 1e9:.1f} GFLOP/s); '
+            f'--dtype=auto picks float32')
 
 
 def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size, grad_clip, dtype):
@@ -69,6 +145,7 @@ def init_distributed(backend, on_gpu, local_rank):
         if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:
             print(f'warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} min old; if this start '
                   f'hangs, no other DeepSpeed start is running and it is stale: delete it', file=sys.stderr)
+    import deepspeed  # here: the trainer stops on a bad setting before DeepSpeed loads (2 s)
     deepspeed.init_distributed(dist_backend=backend)
     rank = dist.get_rank()
     if not on_gpu and 'LOCAL_SIZE' in os.environ:

@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import psutil
 import torch
+import torch.nn.functional as F
 
 # Dense peak TFLOP/s for the matmul dtype (no sparsity), from the vendors' data sheets. 'float32' is TF32
 # where the GPU has it, since the trainer enables TF32 matmuls. Matched against torch's device name, in
@@ -38,34 +39,56 @@ def gpu_peak_flops(device_name, dtype):
     return None
 
 
-def measured_cpu_flops(dtype, seconds=0.5, n=512):
-    """This process's matmul FLOP/s on CPU with its threads, timed for about `seconds`: the reachable peak
-    for MFU on CPU, which has no data-sheet figure that means much (turbo, AVX units, the threads we get)."""
-    dt = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(0)  # its own: the global stream belongs to the run (resume replays it)
-    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
-    a @ b  # warm up
+def matmul_flops(dtype, m=512, k=512, n=512, seconds=0.5):
+    """This process's FLOP/s for the model's matmul, F.linear of (m, k) by (n, k) weights, in dtype with its
+    threads, timed for about `seconds`. Its own generator: the global stream belongs to the run."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(getattr(torch, dtype))
+    w = torch.randn(n, k, generator=g).to(getattr(torch, dtype))
+    F.linear(x, w)  # warm up
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a @ b
+        F.linear(x, w)
         count += 1
-    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+    return 2 * m * k * n * count / (time.perf_counter() - t0)
+
+
+def model_gemms(tokens, n_embd, vocab_size):
+    """(m, k, n) of the model's matmuls for a micro batch of `tokens`: attention in and out, MLP up and down,
+    the head."""
+    return [(tokens, n_embd, 3 * n_embd), (tokens, n_embd, n_embd), (tokens, n_embd, 4 * n_embd),
+            (tokens, 4 * n_embd, n_embd), (tokens, n_embd, vocab_size)]
 
 
 PHASES = ('data', 'forward', 'backward', 'step', 'other')  # the order log lines show them in
 
 
-def device_peak_flops(given, dtype, gpu_name=None):
-    """(peak FLOP/s of one device, where it came from), 0.0 when unknown. Collective on CPU: every rank times
-    its matmul at once, sharing the cores as it will in training, and all take the mean."""
+def device_peak_flops(given, dtype, gpu_name=None, gemms=()):
+    """(peak FLOP/s of one device, where it came from), 0.0 when unknown. On CPU, no data-sheet figure means
+    much (turbo, AVX units, the threads we get): the peak is the fastest of the model's own matmul shapes
+    (gemms) in its dtype. Collective there: every rank times at once, sharing the cores as in training, and
+    all take the mean."""
     if given > 0:
         return given, 'given as peak_flops'
     if gpu_name:
         return gpu_peak_flops(gpu_name, dtype) or 0.0, 'data sheet'
     import torch.distributed as dist
-    peak = torch.tensor(measured_cpu_flops(dtype), dtype=torch.float64)
+    best = max(matmul_flops(dtype, *gemm, seconds=0.05) for gemm in gemms)
+    peak = torch.tensor(best, dtype=torch.float64)
     dist.all_reduce(peak)
-    return peak.item() / dist.get_world_size(), 'a matmul timed at start'
+    return peak.item() / dist.get_world_size(), "the model's matmuls timed at start"
+
+
+def mfu(flops_per_s, world_size, peak_flops):
+    """(model FLOPs utilisation, '') or (None, why it is not shown). Above 1 the peak was wrong (measured on a
+    busy machine, or a kernel beat the one timed), never the run fast: the figure is left out."""
+    if not peak_flops:
+        return None, ''  # the start line said so
+    share = flops_per_s / (world_size * peak_flops)
+    if share > 1:
+        return None, (f'MFU not shown: the run reached {share:.0%} of the peak in use, so that peak is too '
+                      f'low (measured on a busy machine?); give --peak_flops=<FLOP/s of one device>')
+    return share, ''
 
 
 def log_line(r):

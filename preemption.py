@@ -1,14 +1,22 @@
 """
 Pre-emption for train_deepspeed.py: the first SIGTERM or SIGINT (a scheduler's notice, Ctrl-C) only raises a flag;
 the loop finishes its optimizer step, every rank saves, and the run exits 0. A second signal exits at once.
+
+A signal to the `deepspeed` command itself (a container's PID 1, a batch system's notice) reaches no rank:
+DeepSpeed's single-node runner dies of it and leaves its launch.py and the ranks running. So each rank also
+watches its launcher and the runner above it; when either is gone, that counts as the first signal.
 """
 import os
 import signal
+import threading
 import time
+
+import psutil
 
 # DeepSpeed's launcher, signalled with its ranks (Ctrl-C in a terminal, a kill of the process group), forwards a
 # copy of the same notice to each rank at once: one arriving this soon after the first is not a second signal
 SAME_NOTICE_S = 2.0
+WATCH_EVERY_S = 1.0  # how often a rank looks for its launcher and runner
 
 
 class StopFlag:
@@ -16,6 +24,9 @@ class StopFlag:
         self.signal_name, self.at = None, None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+        launcher, runner = deepspeed_launcher_and_runner()
+        if launcher:
+            threading.Thread(target=self.watch, args=(launcher, runner), daemon=True).start()
 
     def on_signal(self, signum, frame):
         if self.signal_name is None:
@@ -23,5 +34,35 @@ class StopFlag:
         elif time.time() - self.at > SAME_NOTICE_S:
             os._exit(128 + signum)
 
+    def watch(self, launcher, runner):
+        while self.signal_name is None:
+            time.sleep(WATCH_EVERY_S)
+            if os.getppid() != launcher.pid:
+                self.signal_name = "the end of DeepSpeed's launch.py"
+            elif runner and not alive_parent_of(launcher, runner):
+                self.signal_name = 'the end of the deepspeed command'
+        self.at = self.at or time.time()
+
     def __bool__(self):
         return self.signal_name is not None
+
+
+def deepspeed_launcher_and_runner():
+    """(this rank's launch.py, the deepspeed runner that started it) as psutil processes, (None, None) when
+    not started by DeepSpeed's launcher (a plain `python train_deepspeed.py`, torchrun)."""
+    try:
+        launcher = psutil.Process().parent()
+        if launcher is None or 'deepspeed.launcher.launch' not in ' '.join(launcher.cmdline()):
+            return None, None
+        runner = launcher.parent()
+        runner_is_deepspeed = runner is not None and 'deepspeed' in ' '.join(runner.cmdline())
+        return launcher, runner if runner_is_deepspeed else None
+    except psutil.Error:
+        return None, None
+
+
+def alive_parent_of(launcher, runner):
+    try:
+        return runner.is_running() and launcher.ppid() == runner.pid
+    except psutil.Error:
+        return False

@@ -11,13 +11,23 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  if nvidia-smi -L >/dev/null 2>&1; then
+  if nvidia-smi -L >/dev/null 2>&1 || [ "${ALLOW_CUDA_TORCH:-0}" = 1 ]; then
     pip install "torch==$TORCH_VERSION"
   else
-    # no GPU: the CPU build, from a wheel folder pip already knows (find-links) or PyTorch's CPU index
-    pip install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
-      || pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-          --extra-index-url https://pypi.org/simple
+    # No GPU: the CPU build, from wherever pip is set to look (a wheel folder, or PyTorch's CPU wheel index given
+    # as an extra index). Where pip finds only the default build, that is the CUDA one on Linux: several GB of
+    # packages this machine cannot use. Say how to get the CPU build instead of downloading them.
+    cuda=$(pip install --dry-run -q --report - "torch==$TORCH_VERSION" | .venv/bin/python -c '
+import json, sys
+names = [i["metadata"]["name"] + "==" + i["metadata"]["version"] for i in json.load(sys.stdin)["install"]]
+print(" ".join(n for n in names if n.startswith("nvidia") or "+cu" in n))')
+    if [ -n "$cuda" ]; then
+      echo "error: no GPU here, but pip would install torch's CUDA build ($(echo "$cuda" | wc -w) CUDA packages," \
+           "several GB): give pip PyTorch's CPU wheel index (the 'CPU' choice on PyTorch's install page) with" \
+           "PIP_EXTRA_INDEX_URL=<that index> ./setup.sh, or take the CUDA build anyway with ALLOW_CUDA_TORCH=1 ./setup.sh" >&2
+      exit 1
+    fi
+    pip install "torch==$TORCH_VERSION"
   fi
 fi
 pip install -r requirements.txt

@@ -26,7 +26,8 @@ import checkpoints
 import data_sources
 
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source, pretrained_config
-from perf import MetricsLog, PhaseTimer, device_peak_flops, log_line, memory_mb, write_run_json
+from perf import MetricsLog, PhaseTimer, device_peak_flops, log_line, memory_mb, mfu, model_gemms
+from perf import write_run_json
 from preemption import StopFlag
 
 # -----------------------------------------------------------------------------
@@ -81,7 +82,7 @@ lr_decay_iters = 20  # usually max_iters
 min_lr = 3e-6  # usually learning_rate / 10
 # system
 deepspeed_config = 'ds_config_zero2.json'  # ZeRO settings; batch, clipping and precision come from here
-dtype = 'auto'  # 'float32', 'bfloat16', 'float16', 'auto': bf16 on Ampere and newer, fp16 on older GPUs, fp32 on CPU
+dtype = 'auto'  # 'float32', 'bfloat16', 'float16', 'auto': bf16 from Ampere (fp16 before); CPU: where it pays
 seed = 1337
 sample_max_new_tokens = 0  # > 0: print a sample of this many tokens at the end
 sample_start = '\n'
@@ -91,14 +92,13 @@ from configurator import configure  # noqa: E402
 config_keys, overrides = configure(globals(), dict_keys=('dataset',))
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
+import settings  # noqa: E402
+from ds_setup import bf16_speedup, choose_dtype, cpu_bf16_native, die, emulated_bf16_warning  # noqa: E402
+from ds_setup import init_distributed, resolve_ds_config  # noqa: E402
 
-
-def die(msg):
-    """Stop with one line, writing nothing more. Every rank gets here with the same inputs."""
-    if os.environ.get('RANK', '0') == '0':
-        print(f'error: {msg}', file=sys.stderr, flush=True)
-    os._exit(1)
-
+bad_setting = settings.problem(config)  # before DeepSpeed loads: a wrong number costs a second, not five
+if bad_setting:
+    die(bad_setting)
 
 # plain `python train_deepspeed.py` runs as a world of one, as nanoGPT's train.py does
 if 'RANK' not in os.environ:
@@ -112,20 +112,24 @@ import deepspeed  # noqa: E402  (after the environment is set: it picks its acce
 import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
-from ds_setup import init_distributed, resolve_ds_config  # noqa: E402
-
 accelerator = get_accelerator()
 on_gpu = accelerator.device_name() == 'cuda'
 local_rank = int(os.environ['LOCAL_RANK'])
 if not on_gpu and 'OMP_NUM_THREADS' not in os.environ:  # ranks on one host share its cores
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.get_device_capability(local_rank)[0] >= 8 else 'float16') if on_gpu else 'float32'
-    config['dtype'] = dtype
+gpu_major = torch.cuda.get_device_capability(local_rank)[0] if on_gpu else 0
+bf16_native = not on_gpu and cpu_bf16_native()
+planning_gpus = dry_run and (plan_gpus > 0 or plan_gpu_mem_gb > 0)
+time_bf16 = dtype == 'auto' and bf16_native and not planning_gpus  # fp32 until bf16 is timed on the model
+dtype, dtype_why = choose_dtype(dtype, on_gpu, gpu_major, bf16_native, planning_gpus)  # why: '' if given
+config['dtype'] = dtype
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'float16' or 'auto'")
 if dtype == 'float16' and not on_gpu and not dry_run:  # planning for GPUs elsewhere may name it
     die("dtype='float16' needs a GPU (DeepSpeed has no fp16 on CPU): use --dtype=bfloat16 or --dtype=float32")
+emulated_bf16 = dtype == 'bfloat16' and not on_gpu and not bf16_native
+if emulated_bf16 and not dry_run and os.environ['RANK'] == '0':
+    print(emulated_bf16_warning(), file=sys.stderr, flush=True)
 
 world_size = plan_gpus if dry_run and plan_gpus > 0 else int(os.environ['WORLD_SIZE'])
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
@@ -146,10 +150,13 @@ torch.manual_seed(seed)  # the same on every rank: a scratch model starts identi
 
 # -----------------------------------------------------------------------------
 # data: random windows from a memmap; each rank draws from its own seeded generator
+data_note = ''  # the dry run plans without data: what is missing is a note in the plan
 try:
     sources = data_sources.resolve(dataset, block_size)  # {name: (folder, weight)}, every .bin checked
 except ValueError as e:
-    die(str(e))
+    if not dry_run:
+        die(str(e))
+    sources, data_note = {}, f'note: no usable data ({e}); planned with the vocabulary of GPT-2'
 source_names, source_weights = list(sources), [weight for _, weight in sources.values()]
 batch_rng = np.random.default_rng([seed, rank])  # training batches (and a mix's sources); checkpointed
 
@@ -167,7 +174,9 @@ def get_batch(split, rng, source=None):
     return x, y
 
 
-meta_path = os.path.join(sources[source_names[0]][0], 'meta.pkl')  # the mix shares one vocabulary
+meta_path = ''  # a mix shares one vocabulary
+if sources:
+    meta_path = os.path.join(sources[source_names[0]][0], 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
     with open(meta_path, 'rb') as f:
@@ -187,12 +196,19 @@ if dry_run:  # the plan, from the shape alone: a meta-device model (no weights, 
         die(f'dry_run plans a start from scratch or a pretrained model, not init_from={init_from!r}')
     with torch.device('meta'):
         n_params = sum(p.numel() for p in GPT(shape).parameters())
+    if time_bf16:
+        dtype, dtype_why = choose_dtype('auto', False, 0, True, False,
+                                        bf16_speedup(batch_size * block_size, shape.n_embd, collective=False))
     gpu_mem = plan_gpu_mem_gb * 2**30 or (torch.cuda.get_device_properties(local_rank).total_memory if on_gpu else None)
     print(f'dry run: {init_from}, {n_params:,} parameters ({shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} '
           f'wide, context {shape.block_size}, vocab {shape.vocab_size}), {dtype}, ZeRO-{stage} in {deepspeed_config}')
     print(f'world size {world_size}' + (' (plan_gpus)' if plan_gpus > 0 else '') + f'; train_batch_size = '
           f'{batch_size} (micro) x {gradient_accumulation_steps} (accumulation) x {world_size} (world) = '
           f"{ds_config['train_batch_size']} sequences, {tokens_per_iter:,} tokens per iter")
+    if dtype_why:
+        print(f'dtype auto -> {dtype}: {dtype_why}')
+    if data_note:
+        print(data_note)
     cpu_runtime_gib = None
     if not on_gpu and not plan_gpus and not plan_gpu_mem_gb:  # planning this machine's own CPU ranks
         import torch._dynamo  # noqa: F401  deepspeed.initialize imports it on first use: ~70 MB of code per rank
@@ -232,7 +248,12 @@ elif init_from == 'scratch':
     model_args = scratch_args
     model = GPT(GPTConfig(**model_args))
 elif is_pretrained_source(init_from):
-    model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    except OSError as e:  # transformers' word for a hub it cannot reach, or a folder without weights
+        reason = str(e).splitlines()[0][:160]
+        die(f'the weights of {init_from} could not be loaded ({reason}): on a machine online, save them once '
+            f"with GPT2LMHeadModel.from_pretrained('{init_from}').save_pretrained(DIR), then --init_from=DIR")
     if block_size > model.config.block_size:
         die(f'block_size={block_size} is more than {init_from} was trained for ({model.config.block_size}): '
             f'use --block_size={model.config.block_size} or less')
@@ -257,8 +278,6 @@ try:
     data_sources.check_token_ids(sources, model.config.vocab_size)
 except ValueError as e:
     die(str(e))
-if keep_last_n < 1:
-    die(f'keep_last_n={keep_last_n}: keep at least the newest checkpoint (--keep_last_n=1)')
 
 # -----------------------------------------------------------------------------
 if init_from == 'resume' and universal:
@@ -267,6 +286,16 @@ elif init_from == 'resume' and saved['stage'] > 0 and saved['world_size'] != wor
     die(f"{tag_dir} holds ZeRO-{saved['stage']} shards for {saved['world_size']} ranks, this run has {world_size}: "
         f'convert it once with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal --inject_missing_state '
         f'--input_folder {tag_dir} --output_folder {tag_dir}_universal` and resume with --resume_tag={tag}_universal')
+
+if time_bf16:  # every rank times bf16 and fp32 matmuls at the model's shape; they agree on the mean
+    speedup = bf16_speedup(batch_size * block_size, model.config.n_embd, collective=True)
+    dtype, dtype_why = choose_dtype('auto', False, 0, True, False, speedup)
+    config['dtype'] = dtype
+    try:
+        ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps,
+                                             world_size, grad_clip, dtype)
+    except ValueError as e:
+        die(str(e))
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -279,9 +308,8 @@ if init_from == 'resume':
     else:
         reason = 'nothing found'  # DeepSpeed returns (None, None) for a folder it finds nothing in
     if load_path is None:
-        print(f'error: DeepSpeed could not load {tag_dir} on rank {rank} ({reason}): '
-              f'resume from another tag with --resume_tag', file=sys.stderr, flush=True)
-        os._exit(1)
+        die(f'DeepSpeed could not load {tag_dir} on rank {rank} ({reason}): resume from another tag with '
+            f'--resume_tag', alone=True)
     iter_num, best_val_loss = client_state['iter_num'], client_state['best_val_loss']
     best_tag, evals_without_gain = client_state.get('best_tag'), client_state.get('evals_without_gain', 0)
     if len(client_state['rng_states']) == world_size:  # every rank continues its own random streams
@@ -297,7 +325,9 @@ resumed_at = iter_num if init_from == 'resume' else None
 # MFU = model FLOPs per token (model.py, computed once) x tokens/s, over the peak of all devices in the run
 model_flops_per_token = flops_per_token(GPTConfig(**{**model_args, 'block_size': block_size}))
 device_name = torch.cuda.get_device_name(local_rank) if on_gpu else 'cpu'
-peak_flops, peak_source = device_peak_flops(peak_flops, dtype, device_name if on_gpu else None)
+peak_flops, peak_source = device_peak_flops(peak_flops, dtype, device_name if on_gpu else None,
+                                            model_gemms(batch_size * block_size, model.config.n_embd,
+                                                        model.config.vocab_size))
 devices = [None] * world_size
 dist.all_gather_object(devices, f'{socket.gethostname()}: {device_name}')
 
@@ -314,6 +344,8 @@ if master_process:
           f'{accelerator.device_name()} ({dist.get_backend()}); train_batch_size = {batch_size} x '
           f'{gradient_accumulation_steps} x {world_size} = {ds_config["train_batch_size"]} sequences, '
           f'{tokens_per_iter:,} tokens per iter' + (f'; resumed at iter {iter_num} from {tag_dir}' if resumed_at is not None else ''))
+    if dtype_why:
+        print(f'dtype auto -> {dtype}: {dtype_why}')
     if world_size == 1 and stage > 0:  # docs/performance.md: ZeRO-2 measured 0.89x the plain loop on one CPU rank
         print(f'note: ZeRO-{stage} on one rank partitions nothing and costs time; a JSON with "stage": 0 is faster')
     print(f'MFU against {peak_flops / 1e12:.3g} TFLOP/s per device ({peak_source}, {dtype})' if peak_flops else
@@ -420,7 +452,7 @@ def stop_nonfinite(where):
         + {'float32': '', 'bfloat16': ' or --dtype=float32', 'float16': ' or --dtype=bfloat16'}[dtype])
 
 
-preempted = False
+preempted, said_why_no_mfu = False, False
 while True:
     if eval_only or ((iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at):
         losses = estimate_loss()
@@ -486,8 +518,12 @@ while True:
         t_log, iters_since_log = time.time(), 0
         tokens_per_s = tokens_per_iter / (dt_ms / 1000)
         record = {'iter': iter_num - 1, 'loss': lossf, 'lr': lr, 'dt_ms': dt_ms, 'tokens_per_s': tokens_per_s}
-        if peak_flops:
-            record['mfu'] = model_flops_per_token * tokens_per_s / (world_size * peak_flops)
+        share, why_no_mfu = mfu(model_flops_per_token * tokens_per_s, world_size, peak_flops)
+        if share is not None:
+            record['mfu'] = share
+        if why_no_mfu and master_process and not said_why_no_mfu:
+            say(why_no_mfu)
+            said_why_no_mfu = True
         memory = memory_mb(on_gpu)
         highest = torch.tensor([*memory.values(), nonfinite_worst], dtype=torch.float64, device=device)
         dist.all_reduce(highest, op=dist.ReduceOp.MAX)  # the rank closest to running out is the one that matters

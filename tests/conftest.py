@@ -25,23 +25,38 @@ def free_port():
         return s.getsockname()[1]
 
 
-def env():
+def env(**extra):
     e = dict(os.environ, DS_ACCELERATOR='cpu', PYTHONUNBUFFERED='1', PATH=BIN + os.pathsep + os.environ['PATH'])
     for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'CUDA_VISIBLE_DEVICES'):
         e.pop(k, None)
-    return e
+    return {**e, **extra}
 
 
-def launch(args, ranks=2, timeout=300):
+# This machine as a CPU without bf16 kernels (an AVX2-only AMD EPYC, say): oneDNN and ATen capped at AVX2
+# emulate bf16 for real, about 60x slower than fp32, and say they have no bf16 kernels.
+AVX2_ONLY = dict(ONEDNN_MAX_CPU_ISA='AVX2', ATEN_CPU_CAPABILITY='avx2')
+
+
+def launch(args, ranks=2, timeout=300, environ=None):
     """deepspeed --num_gpus <ranks> train_deepspeed.py <args>; returns the CompletedProcess (output merged)."""
     cmd = [os.path.join(BIN, 'deepspeed'), '--num_gpus', str(ranks), '--master_port', str(free_port()),
            'train_deepspeed.py', *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=environ or env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
-def run(cmd, timeout=300, merge_stderr=True):
-    return subprocess.run(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+def slow_rank(tmp_path, rank, seconds):
+    """An environment in which rank `rank` of a launch starts `seconds` late: a sitecustomize that sleeps in
+    that rank's interpreter before the script runs. The trainer itself is unchanged."""
+    folder = tmp_path / 'slow'
+    folder.mkdir(exist_ok=True)
+    (folder / 'sitecustomize.py').write_text(
+        f"import os, time\nif os.environ.get('RANK') == '{rank}':\n    time.sleep({seconds})\n")
+    return env(PYTHONPATH=str(folder))
+
+
+def run(cmd, timeout=300, merge_stderr=True, environ=None):
+    return subprocess.run(cmd, cwd=REPO, env=environ or env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True, timeout=timeout)
 
 

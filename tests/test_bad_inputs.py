@@ -10,13 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, ok, run
+from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, ok, run, slow_rank
 from test_model import tiny_hf
 
 SCRIPT = os.path.join(REPO, 'run_deepspeed_xl.sh')
+OFFLINE = env(HF_HUB_OFFLINE='1', HF_HOME=tempfile.mkdtemp())  # no test reaches the hub, none finds a cache
 
 
 @pytest.fixture(scope='session')
@@ -143,6 +145,33 @@ TRAINER_CASES = {
     'dataset_folder_without_bins': (
         lambda tmp, out: [f"--dataset={folder(tmp / 'nodata')}"],
         ['nodata/train.bin not found', 'prepare.py']),
+    'pretrained_weights_out_of_reach': (  # the hub cannot be reached (HF_HUB_OFFLINE=1 in every case here)
+        lambda tmp, out: ['--init_from=gpt2'],
+        ['weights of gpt2 could not be loaded', 'save_pretrained(DIR)', '--init_from=DIR']),
+    # numbers of the right type that cannot work (settings.py)
+    'max_iters_negative': (lambda tmp, out: ['--max_iters=-5'],
+                           ['max_iters=-5 cannot work', '--max_iters=1']),
+    'eval_interval_zero': (lambda tmp, out: ['--eval_interval=0'], ['eval_interval=0', '--eval_interval=1']),
+    'log_interval_zero': (lambda tmp, out: ['--log_interval=0'], ['log_interval=0', '--log_interval=1']),
+    'eval_iters_zero': (lambda tmp, out: ['--eval_iters=0'], ['eval_iters=0', '--eval_iters=1']),
+    'batch_size_zero': (lambda tmp, out: ['--batch_size=0'], ['batch_size=0', '--batch_size=1']),
+    'accumulation_zero': (lambda tmp, out: ['--gradient_accumulation_steps=0'],
+                          ['gradient_accumulation_steps=0', '--gradient_accumulation_steps=1']),
+    'block_size_zero': (lambda tmp, out: ['--block_size=0'], ['block_size=0', '--block_size=1']),
+    'learning_rate_negative': (lambda tmp, out: ['--learning_rate=-1.0'], ['learning_rate=-1.0', 'positive']),
+    'learning_rate_inf': (lambda tmp, out: ['--learning_rate=1e400'], ['learning_rate=inf', 'positive']),
+    'n_layer_zero': (lambda tmp, out: ['--n_layer=0'], ['n_layer=0', '--n_layer=1']),
+    'n_head_negative': (lambda tmp, out: ['--n_head=-2'], ['n_head=-2', '--n_head=1']),
+    'n_embd_not_a_multiple_of_n_head': (lambda tmp, out: ['--n_embd=65'],
+                                        ['n_embd=65 does not split into n_head=2 heads', '--n_embd=64']),
+    'warmup_iters_negative': (lambda tmp, out: ['--warmup_iters=-1'],
+                              ['warmup_iters=-1', '--warmup_iters=0']),
+    'keep_last_n_zero': (lambda tmp, out: ['--keep_last_n=0'], ['keep_last_n=0', '--keep_last_n=1']),
+    'seed_negative': (lambda tmp, out: ['--seed=-1'], ['seed=-1', '--seed=0']),
+    'dropout_one': (lambda tmp, out: ['--dropout=1.0'], ['dropout=1.0', 'up to (not including) 1']),
+    'beta2_above_one': (lambda tmp, out: ['--beta2=1.5'], ['beta2=1.5', 'up to (not including) 1']),
+    'grad_clip_negative': (lambda tmp, out: ['--grad_clip=-1.0'], ['grad_clip=-1.0', '--grad_clip=0.0']),
+    'out_dir_empty': (lambda tmp, out: ['--out_dir='], ["out_dir=''", '--out_dir=out']),
 }
 def attempt_trainer(case, tmp_path, finished_run):
     """One trainer case against a copy of the finished run: (command, process, out_dir before, out_dir after)."""
@@ -151,7 +180,7 @@ def attempt_trainer(case, tmp_path, finished_run):
     shutil.copytree(finished_run, out)
     cmd = [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', *setup(tmp_path, out)]
     before = snapshot(out)
-    proc = run(cmd, timeout=120)
+    proc = run(cmd, timeout=120, environ=OFFLINE)
     return cmd, proc, before, snapshot(out)
 
 
@@ -161,6 +190,27 @@ def test_trainer_refuses(case, tmp_path, finished_run):
     line = one_error(proc)
     assert after == before
     for phrase in TRAINER_CASES[case][1]:
+        assert phrase in line, (phrase, line)
+
+
+# Cases found at different moments of a start: before DeepSpeed loads, before the process group, after the
+# model is built, at the resume lookup. Rank 1 must not exit before rank 0 has said the line (the launcher
+# kills the other ranks as soon as one exits).
+ORDERED_CASES = ['max_iters_negative', 'dataset_folder_without_bins', 'block_size_beyond_pretrained_context',
+                 'resume_tag_that_does_not_exist']
+
+
+@pytest.mark.parametrize('case', ORDERED_CASES)
+def test_the_line_arrives_when_rank_0_is_slower(case, tmp_path, finished_run):
+    """On 2 ranks, rank 0 starting 3 s late so that rank 1 finds the problem first: still the one line."""
+    setup, phrases = TRAINER_CASES[case]
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    proc = launch([*TINY, f'--out_dir={out}', *setup(tmp_path, out)], environ=slow_rank(tmp_path, 0, 3))
+    line = one_error(proc)
+    assert snapshot(out) == before
+    for phrase in phrases:
         assert phrase in line, (phrase, line)
 
 

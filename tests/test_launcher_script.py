@@ -62,16 +62,17 @@ def test_deepspeed_missing(tmp_path):
 
 
 def test_the_cpu_demo(tmp_path):
-    """The README's demo, whole, through the launcher script: it must learn Shakespeare (val loss < 2.0;
+    """The README's demo, whole, through the launcher script: it must learn Shakespeare (val loss <= 1.8;
     a unigram model gets about 3.3) and print a sample."""
     out = tmp_path / 'out'
     proc = sh('--cpu-demo', '--master_port', str(free_port()), f'--out_dir={out}', timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'GPUs:        2 CPU ranks (gloo)' in proc.stdout
-    assert 'train_batch_size = 16 (micro batch) x 1 (accumulation) x 2 (world size)' in proc.stdout
-    assert 'ZeRO-2, bfloat16, 2 rank(s) on cpu (gloo)' in proc.stdout
+    assert 'train_batch_size = 32 (micro batch) x 1 (accumulation) x 2 (world size)' in proc.stdout
+    assert 'ZeRO-2, float32, 2 rank(s) on cpu (gloo)' in proc.stdout or 'ZeRO-2, bfloat16' in proc.stdout
+    assert 'dtype auto -> ' in proc.stdout
     assert f'checkpoints: {out} (final is the newest' in proc.stdout
     final = [json.loads(line) for line in open(out / 'metrics.jsonl') if 'val_loss' in line][-1]
-    assert final['iter'] == 2000 and final['val_loss'] < 2.0
+    assert final['iter'] == 700 and final['val_loss'] <= 1.8
     sample = proc.stdout.split('-' * 40)[1]
     assert len(sample) > 200 and sample.count(' ') > 20  # words, not one long token soup

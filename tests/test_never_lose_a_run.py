@@ -121,6 +121,27 @@ def test_run_script_ctrl_c_saves_and_exits_0(tmp_path):
     assert f'checkpoints: {out} ({tag} is the newest' in stdout
 
 
+def test_sigterm_to_the_deepspeed_command_saves(tmp_path):
+    """kill -TERM <pid of the deepspeed command>, as a container's PID 1 or a batch system gets it:
+    DeepSpeed's runner dies of it (143) and tells no rank; the ranks see it gone, finish the step, save and
+    exit 0."""
+    out = tmp_path / 'out'
+    proc = start([*TINY, f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000'])
+    wait_for_iters(out, 3, proc)
+    below = psutil.Process(proc.pid).children(recursive=True)  # launch.py and the ranks
+    proc.send_signal(signal.SIGTERM)  # to the runner alone
+    stdout = proc.communicate(timeout=120)[0]  # the ranks hold its stdout until they exit
+    assert proc.returncode == -signal.SIGTERM, stdout[-3000:]
+    said = [line for line in stdout.splitlines() if 'stopped after iter' in line]
+    assert len(said) == 1, stdout[-3000:]
+    assert said[0].startswith('the end of the deepspeed command: stopped after iter')
+    tag = (out / 'latest').read_text()
+    assert said[0].endswith(f'saved {out / tag}; go on with --init_from=resume')
+    assert checkpoints.complete_tags(out) == [tag]
+    _, alive = psutil.wait_procs(below, timeout=20)
+    assert not alive
+
+
 def test_second_signal_exits_at_once(tmp_path):
     """The first step takes 5000 micro batches (half a minute or more): the first SIGTERM, sent once the eval at
     iter 0 is logged, waits for it; a second one 3 s later ends the run at once, saving nothing."""

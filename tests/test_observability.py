@@ -106,3 +106,12 @@ def test_dry_run_predicts_the_cpu_demo_memory(tmp_path):
     ok(launch([*demo, '--max_iters=30', '--eval_interval=30', '--log_interval=10', '--sample_max_new_tokens=0']))
     measured = max(r['peak_rss_mb'] for r in metrics(tmp_path / 'out') if 'peak_rss_mb' in r) / 1024
     assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured)
+
+
+def test_dry_run_needs_no_data(tmp_path):
+    """Planning the headline GPU job from a laptop without prepared data: a note in the plan, no error."""
+    proc = ok(dry_run('config/train_gpt2_xl_shakespeare.py', '--plan_gpus=4', '--plan_gpu_mem_gb=32',
+                      f'--dataset={tmp_path / "none"}', f'--out_dir={tmp_path / "out"}'))
+    assert f'note: no usable data ({tmp_path / "none"}/train.bin not found' in proc.stdout
+    assert '1,557,611,200 parameters' in proc.stdout and 'recommended' in proc.stdout
+    assert not (tmp_path / 'out').exists()

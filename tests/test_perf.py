@@ -44,3 +44,11 @@ def test_log_line_shows_what_the_record_has():
              data_frac=0.01, forward_frac=0.3, backward_frac=0.6, step_frac=0.09)
     assert log_line(r) == ('iter 7: loss 2.5000, lr 1.000e-03, time 100.00ms, 20,480 tok/s, MFU 41.2% (data 1% forward '
                            '30% backward 60% step 9%), GPU 15.0/16.0 GB, RSS 2.00 GB, loss scale 65536 (2 skipped)')
+
+
+def test_mfu_above_100_percent_is_never_shown():
+    """A share above 1 means the peak was too low, not that the run was fast: no figure, and why."""
+    assert perf.mfu(40e9, 2, 100e9) == (0.2, '')
+    share, why = perf.mfu(300e9, 2, 100e9)
+    assert share is None and '150%' in why and '--peak_flops' in why
+    assert perf.mfu(40e9, 2, 0.0) == (None, '')  # no peak known: the start line said so

@@ -1,0 +1,85 @@
+"""dtype='auto' follows what the device computes natively; bf16 that a CPU only emulates runs, after one warning
+with the measured slowdown. Both kinds of CPU are real here: AVX2_ONLY caps oneDNN and ATen at AVX2, so a
+CPU with bf16 kernels answers and computes as one without (an AVX2 AMD EPYC, say)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import AVX2_ONLY, REPO, TINY, env, ok, run
+from ds_setup import choose_dtype
+
+
+@pytest.mark.parametrize('on_gpu,gpu_major,bf16_native,planning_gpus,bf16_speedup,expected', [
+    (True, 8, False, False, 0.0, 'bfloat16'),  # A100, H100
+    (True, 7, False, False, 0.0, 'float16'),  # V100
+    (False, 0, True, False, 2.0, 'bfloat16'),  # bf16 kernels that pay (AMX, say)
+    (False, 0, True, False, 0.9, 'float32'),  # bf16 kernels no faster than fp32's (AVX512-BF16 on a Xeon here)
+    (False, 0, True, False, 0.0, 'float32'),  # not yet timed
+    (False, 0, False, False, 2.0, 'float32'),  # an AVX2 CPU: bf16 emulated, ~60x slower
+    (False, 0, False, True, 0.0, 'bfloat16'),  # a dry run planning GPUs from a laptop
+])
+def test_auto_dtype_by_device(on_gpu, gpu_major, bf16_native, planning_gpus, bf16_speedup, expected):
+    dtype, why = choose_dtype('auto', on_gpu, gpu_major, bf16_native, planning_gpus, bf16_speedup)
+    assert dtype == expected and why
+    assert choose_dtype('float32', on_gpu, gpu_major, bf16_native, planning_gpus, bf16_speedup) == ('float32', '')
+
+
+MATMULS = '''
+import json
+from ds_setup import cpu_bf16_native
+from perf import matmul_flops
+print(json.dumps([cpu_bf16_native(), matmul_flops('float32', seconds=0.3), matmul_flops('bfloat16', seconds=0.3)]))
+'''
+
+
+@pytest.mark.parametrize('cpu', ['this', 'avx2_only'])
+def test_the_cpus_answer_agrees_with_a_timed_matmul(cpu):
+    """Native bf16 runs at least a fifth of fp32's speed (1.5x faster to 0.7x here); emulated, a tenth or less
+    (1/60 on an AVX2 EPYC and under AVX2_ONLY)."""
+    extra = AVX2_ONLY if cpu == 'avx2_only' else {}
+    proc = subprocess.run([sys.executable, '-c', MATMULS], cwd=REPO, env=env(**extra, OMP_NUM_THREADS='1'),
+                          capture_output=True, text=True, timeout=120)
+    native, fp32, bf16 = json.loads(proc.stdout)
+    assert native == (bf16 >= fp32 / 5), (native, fp32, bf16)
+    assert native or bf16 <= fp32 / 10, (native, fp32, bf16)
+    if cpu == 'avx2_only':
+        assert not native
+
+
+def dry_run(*args, extra=None):
+    return ok(run([sys.executable, 'train_deepspeed.py', '--dry_run=True', *TINY, '--dtype=auto', *args],
+                  environ=env(**(extra or {}))))
+
+
+def test_auto_says_what_it_picked_and_why():
+    """Here: bf16 where this CPU's bf16 matmul, timed at the model's shape, is clearly faster than fp32's."""
+    said = re.search(r"dtype auto -> (\w+): this CPU(.*)", dry_run().stdout)
+    if 'no bf16 kernels' in said.group(2):
+        assert said.group(1) == 'float32'
+    else:
+        speedup = float(re.search(r'matmul runs ([\d.]+)x fp32', said.group(2)).group(1))
+        assert said.group(1) == ('bfloat16' if speedup >= 1.5 else 'float32')
+    avx2 = dry_run(extra=AVX2_ONLY).stdout
+    assert 'dtype auto -> float32: this CPU (AVX2) has no bf16 kernels' in avx2
+    gpus = dry_run('--plan_gpus=4').stdout
+    assert 'dtype auto -> bfloat16: planning GPUs' in gpus
+
+
+def test_emulated_bf16_runs_after_one_warning_and_keeps_mfu_honest(tmp_path):
+    """An explicit bf16 on a CPU that emulates it: one warning with the measured slowdown, then the run. Its MFU
+    is a share of what bf16 reaches here, never above 100% (a fixed 512x512 matmul's peak gave 285%)."""
+    out = tmp_path / 'out'
+    proc = ok(run([sys.executable, 'train_deepspeed.py', *TINY, '--dtype=bfloat16', f'--out_dir={out}',
+                   '--max_iters=3', '--eval_interval=3'], environ=env(**AVX2_ONLY)))
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith('warning: dtype=bfloat16')]
+    assert len(warnings) == 1, proc.stdout[-3000:]
+    slowdown = float(re.search(r'runs (\d+)x slower than fp32 here', warnings[0]).group(1))
+    assert slowdown >= 10 and '--dtype=auto picks float32' in warnings[0]
+    assert 'ZeRO-2, bfloat16, 1 rank(s)' in proc.stdout
+    shares = [float(m) for m in re.findall(r'MFU ([\d.]+)%', proc.stdout)]
+    assert all(share <= 100 for share in shares), proc.stdout[-3000:]
+    assert os.path.isdir(out / 'final')
