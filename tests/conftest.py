@@ -77,6 +77,16 @@ def prepared_data():
             ok(run([sys.executable, f'data/{name}/prepare.py']))
 
 
+@pytest.fixture(scope='session')
+def cpu_demo(tmp_path_factory):
+    """(process, out_dir) of the README's first command after setup, whole: ./run_deepspeed_xl.sh --cpu-demo."""
+    out = tmp_path_factory.mktemp('demo') / 'out'
+    proc = subprocess.run([os.path.join(REPO, 'run_deepspeed_xl.sh'), '--cpu-demo', '--master_port', str(free_port()),
+                           f'--out_dir={out}'], cwd=REPO, env=env(), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=900)
+    return proc, out
+
+
 def script_function(name, **namespace):
     """A function as written in train_deepspeed.py, run against a namespace holding the constants it reads."""
     tree = ast.parse(open(os.path.join(REPO, 'train_deepspeed.py')).read())

@@ -130,6 +130,9 @@ TRAINER_CASES = {
     'block_size_beyond_pretrained_context': (  # a transformers GPT-2 trained for 48 positions
         lambda tmp, out: [*pretrained(tmp), '--block_size=64'],
         ['block_size=64 is more than', '(48)', '--block_size=48']),
+    'shape_override_of_a_pretrained_model': (  # n_layer agrees with the folder's, n_embd does not
+        lambda tmp, out: [*pretrained(tmp), '--n_embd=64', '--n_layer=2'],
+        ['n_embd=64 disagrees with', 'n_embd=32', '--init_from=scratch']),
     'fp16_on_cpu': (
         lambda tmp, out: ['--dtype=float16'],
         ["dtype='float16' needs a GPU", '--dtype=bfloat16']),

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO, env, free_port
+from conftest import REPO, env
 
 SCRIPT = os.path.join(REPO, 'run_deepspeed_xl.sh')
 
@@ -61,11 +61,10 @@ def test_deepspeed_missing(tmp_path):
     assert 'deepspeed is not importable' in line and './setup.sh' in line
 
 
-def test_the_cpu_demo(tmp_path):
+def test_the_cpu_demo(cpu_demo):
     """The README's demo, whole, through the launcher script: it must learn Shakespeare (val loss <= 1.8;
     a unigram model gets about 3.3) and print a sample."""
-    out = tmp_path / 'out'
-    proc = sh('--cpu-demo', '--master_port', str(free_port()), f'--out_dir={out}', timeout=900)
+    proc, out = cpu_demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'GPUs:        2 CPU ranks (gloo)' in proc.stdout
     assert 'train_batch_size = 32 (micro batch) x 1 (accumulation) x 2 (world size)' in proc.stdout

@@ -53,8 +53,12 @@ def test_fine_tune_starts_from_the_pretrained_weights(tmp_path, stage):
     eval are the pretrained model's own losses on the same batches, so nothing was re-initialised."""
     hf = tiny_hf(tmp_path / 'hf', n_layer=2, n_head=3, n_embd=48, n_positions=48)
     out = tmp_path / 'out'
-    ok(launch([*TINY_RUN, f'--init_from={tmp_path / "hf"}', f'--out_dir={out}', f'--deepspeed_config=ds_config_zero{stage}.json',
-               '--gradient_accumulation_steps=2', '--max_iters=2', '--eval_interval=2']))
+    proc = ok(launch([*TINY_RUN, f'--init_from={tmp_path / "hf"}', f'--out_dir={out}',
+                      f'--deepspeed_config=ds_config_zero{stage}.json', '--gradient_accumulation_steps=2',
+                      '--max_iters=2', '--eval_interval=2']))
+    assert f'{tmp_path / "hf"} -> ' in proc.stdout
+    shape = json.load(open(out / 'run.json'))['model_args']
+    assert shape == dict(block_size=32, vocab_size=97, n_layer=2, n_head=3, n_embd=48, dropout=0.0, bias=True)
     records = metrics(out)
     first = next(r for r in records if 'loss' in r)
     assert first['iter'] == 0
