@@ -47,7 +47,7 @@ def test_resolves_the_trainers_constants():
                            '--max_iters=7'], cwd=REPO, capture_output=True, text=True)
     s = json.loads(proc.stdout)
     assert s['max_iters'] == 7 and s['dataset'] == 'shakespeare_char' and s['gradient_accumulation_steps'] == 1
-    assert s['learning_rate'] == 2e-3 and s['init_from'] == 'scratch'
+    assert s['learning_rate'] == 8e-3 and s['init_from'] == 'scratch'
     proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', '--max_iter=7'],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and "unknown key 'max_iter'" in proc.stderr
