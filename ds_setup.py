@@ -59,7 +59,7 @@ def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=Fa
         return 'float16', f'the GPU has compute capability {gpu_major}.x, before bf16 (8.0, Ampere)'
     if not bf16_native:
         capability = torch.backends.cpu.get_cpu_capability()
-        return 'float32', f'this CPU ({capability}) has no bf16 kernels: bf16 would be emulated, ~60x slower'
+        return 'float32', f'this CPU ({capability}) has no bf16 kernels: bf16 would be emulated, 10-60x slower'
     speed = f"this CPU's bf16 matmul runs {bf16_speedup:.2f}x fp32's at the model's shape"
     if bf16_speedup >= BF16_PAYS_FROM:
         return 'bfloat16', speed

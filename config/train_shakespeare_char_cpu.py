@@ -1,5 +1,5 @@
 # The no-GPU demo: a small character-level GPT trained from scratch on Shakespeare with DeepSpeed ZeRO-2
-# on 2 CPU ranks (gloo). About 2.5 minutes on a 2-core Xeon (AVX512), val loss about 1.78.
+# on 2 CPU ranks (gloo). Under 3 minutes on a 2-core Xeon (AVX512), val loss about 1.75.
 # $ python data/shakespeare_char/prepare.py
 # $ deepspeed --num_gpus 2 train_deepspeed.py config/train_shakespeare_char_cpu.py
 out_dir = 'out-shakespeare-char-cpu'

@@ -78,7 +78,7 @@ def test_emulated_bf16_runs_after_one_warning_and_keeps_mfu_honest(tmp_path):
     warnings = [line for line in proc.stdout.splitlines() if line.startswith('warning: dtype=bfloat16')]
     assert len(warnings) == 1, proc.stdout[-3000:]
     slowdown = float(re.search(r'runs (\d+)x slower than fp32 here', warnings[0]).group(1))
-    assert slowdown >= 10 and '--dtype=auto picks float32' in warnings[0]
+    assert slowdown >= 4 and '--dtype=auto picks float32' in warnings[0]  # 11x measured here, 60x on an EPYC
     assert 'ZeRO-2, bfloat16, 1 rank(s)' in proc.stdout
     shares = [float(m) for m in re.findall(r'MFU ([\d.]+)%', proc.stdout)]
     assert all(share <= 100 for share in shares), proc.stdout[-3000:]
