@@ -70,6 +70,7 @@ def read_saved(folder):
     try:
         saved = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
         return dict(model_args=saved['model_args'], world_size=saved['dp_world_size'],
+                    dtype=saved.get('config', {}).get('dtype'),
                     stage=saved['ds_config'].get('zero_optimization', {}).get('stage', 0),
                     universal=os.path.isdir(os.path.join(folder, 'zero')))
     except Exception as e:  # truncated, overwritten, not ours: say which file, not a stack trace

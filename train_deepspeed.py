@@ -287,9 +287,12 @@ elif init_from == 'resume' and saved['stage'] > 0 and saved['world_size'] != wor
         f'convert it once with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal --inject_missing_state '
         f'--input_folder {tag_dir} --output_folder {tag_dir}_universal` and resume with --resume_tag={tag}_universal')
 
-if time_bf16:  # every rank times bf16 and fp32 matmuls at the model's shape; they agree on the mean
+if time_bf16 and init_from == 'resume' and saved['dtype']:  # a measurement near the bar could flip it
+    dtype, dtype_why = saved['dtype'], f'{tag_dir} was trained in it'
+elif time_bf16:  # every rank times bf16 and fp32 matmuls at the model's shape; they agree on the mean
     speedup = bf16_speedup(batch_size * block_size, model.config.n_embd, collective=True)
     dtype, dtype_why = choose_dtype('auto', False, 0, True, False, speedup)
+if time_bf16:
     config['dtype'] = dtype
     try:
         ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps,
