@@ -292,8 +292,8 @@ if time_bf16 and init_from == 'resume' and saved['dtype']:  # a measurement near
 elif time_bf16:  # every rank times bf16 and fp32 matmuls at the model's shape; they agree on the mean
     speedup = bf16_speedup(batch_size * block_size, model.config.n_embd, collective=True)
     dtype, dtype_why = choose_dtype('auto', False, 0, True, False, speedup)
-if time_bf16:
-    config['dtype'] = dtype
+config['dtype'] = dtype
+if time_bf16 and dtype == 'bfloat16':  # the JSON was resolved for the provisional fp32: once more for bf16
     try:
         ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps,
                                              world_size, grad_clip, dtype)
