@@ -12,10 +12,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from model import Block, GPTConfig
 from perf import matmul_flops
 
-# a bf16 step also converts and keeps fp32 master weights: its matmul must be this much faster than fp32's
-# to pay (the demo's model: a matmul at 0.5-1.1x fp32's gave steps 1.4x slower on a Xeon with AVX512-BF16)
+# a bf16 step also keeps fp32 master weights and converts them: its block must be this much faster than fp32's
+# to pay for the optimizer step and the head
 BF16_PAYS_FROM = 1.5
 # how long a rank other than 0 that found a problem every rank finds waits for rank 0 to say it
 RANK0_SAYS_IT_S = 20
@@ -45,10 +46,10 @@ def cpu_bf16_native():
 def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=False, bf16_speedup=0.0):
     """(dtype, why) for dtype='auto'; an explicit dtype is kept (why: ''). GPUs: bf16 from Ampere (compute
     capability 8) on, fp16 before. CPUs: fp32 where bf16 is emulated; where it is native, bf16 only if its
-    matmul at the model's shape is clearly faster than fp32's (bf16_speedup, measured: 0.0 until then).
-    Native is not enough: with AVX512-BF16 and no AMX, the demo's model ran 1.4x slower in bf16 on one
-    Xeon, and a 3M-parameter one 1.5x faster on one EPYC. A dry run planning GPUs from a machine without one
-    plans bf16."""
+    block at the model's shape is clearly faster than fp32's (bf16_speedup, measured: 0.0 until then).
+    Native is not enough: the demo's model ran 1.4x slower in bf16 on a Xeon with AVX512-BF16 and no AMX,
+    and 1.45x slower on one with AMX, while gpt2's block runs 2.8x faster there. A dry run planning GPUs
+    from a machine without one plans bf16."""
     if dtype != 'auto':
         return dtype, ''
     if planning_gpus and not on_gpu:
@@ -60,7 +61,7 @@ def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=Fa
     if not bf16_native:
         capability = torch.backends.cpu.get_cpu_capability()
         return 'float32', f'this CPU ({capability}) has no bf16 kernels: bf16 would be emulated, 10-60x slower'
-    speed = f"this CPU's bf16 matmul runs {bf16_speedup:.2f}x fp32's at the model's shape"
+    speed = f"a block of this model runs {bf16_speedup:.2f}x as fast in bf16 as in fp32 on this CPU"
     if bf16_speedup >= BF16_PAYS_FROM:
         return 'bfloat16', speed
     if not bf16_speedup:
@@ -68,11 +69,29 @@ def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=Fa
     return 'float32', f'{speed}, below {BF16_PAYS_FROM}x'
 
 
-def bf16_speedup(tokens, n_embd, collective):
-    """How much faster this CPU's bf16 matmul is than fp32's, at the model's MLP shape. Collective (every rank
-    times, all take the mean) so that every rank picks the same dtype."""
-    speeds = torch.tensor([matmul_flops(dtype, tokens, n_embd, 4 * n_embd, seconds=0.1)
-                           for dtype in ('bfloat16', 'float32')], dtype=torch.float64)
+def bf16_speedup(shape, micro_batch, collective):
+    """How much faster one transformer block of the model's shape (model.GPTConfig) runs forward and backward in
+    bf16 than in fp32 on this CPU. A block, not a matmul: the demo's small model has a bf16 matmul 5x faster
+    than fp32's on a Xeon with AMX, and a step 0.73x as fast (its layer norms, softmax and conversions). The
+    micro batch is cut to about 2e10 FLOPs, so gpt2-xl's block takes a second, not ten. Collective (every
+    rank times, all take the mean) so that every rank picks the same dtype."""
+    flops_per_token = 6 * 12 * shape.n_embd ** 2  # forward and backward of a block's four matmuls
+    tokens = min(micro_batch * shape.block_size, max(64, int(2e10 / flops_per_token)))
+    seq_len = min(shape.block_size, tokens)
+    block_shape = GPTConfig(n_layer=1, n_head=shape.n_head, n_embd=shape.n_embd, block_size=seq_len,
+                            bias=shape.bias, dropout=0.0)
+    seconds_per_step = []
+    with torch.random.fork_rng():  # the run's own random stream is left as it was
+        for dtype in (torch.bfloat16, torch.float32):
+            block = Block(block_shape).to(dtype)
+            x = torch.randn(tokens // seq_len, seq_len, shape.n_embd, dtype=dtype, requires_grad=True)
+            block(x).float().square().mean().backward()  # warm up
+            steps, t0 = 0, time.perf_counter()
+            while steps == 0 or time.perf_counter() - t0 < 0.1:
+                block(x).float().square().mean().backward()
+                steps += 1
+            seconds_per_step.append((time.perf_counter() - t0) / steps)
+    speeds = torch.tensor([1 / s for s in seconds_per_step], dtype=torch.float64)
     if collective:
         dist.all_reduce(speeds)
     return (speeds[0] / speeds[1]).item()

@@ -198,7 +198,7 @@ if dry_run:  # the plan, from the shape alone: a meta-device model (no weights, 
         n_params = sum(p.numel() for p in GPT(shape).parameters())
     if time_bf16:
         dtype, dtype_why = choose_dtype('auto', False, 0, True, False,
-                                        bf16_speedup(batch_size * block_size, shape.n_embd, collective=False))
+                                        bf16_speedup(shape, batch_size, collective=False))
     gpu_mem = plan_gpu_mem_gb * 2**30 or (torch.cuda.get_device_properties(local_rank).total_memory if on_gpu else None)
     print(f'dry run: {init_from}, {n_params:,} parameters ({shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} '
           f'wide, context {shape.block_size}, vocab {shape.vocab_size}), {dtype}, ZeRO-{stage} in {deepspeed_config}')
@@ -289,8 +289,8 @@ elif init_from == 'resume' and saved['stage'] > 0 and saved['world_size'] != wor
 
 if time_bf16 and init_from == 'resume' and saved['dtype']:  # a measurement near the bar could flip it
     dtype, dtype_why = saved['dtype'], f'{tag_dir} was trained in it'
-elif time_bf16:  # every rank times bf16 and fp32 matmuls at the model's shape; they agree on the mean
-    speedup = bf16_speedup(batch_size * block_size, model.config.n_embd, collective=True)
+elif time_bf16:  # every rank times a block in bf16 and fp32 at the model's shape; they agree on the mean
+    speedup = bf16_speedup(model.config, batch_size, collective=True)
     dtype, dtype_why = choose_dtype('auto', False, 0, True, False, speedup)
 config['dtype'] = dtype
 if time_bf16 and dtype == 'bfloat16':  # the JSON was resolved for the provisional fp32: once more for bf16

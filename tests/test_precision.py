@@ -38,14 +38,14 @@ print(json.dumps([cpu_bf16_native(), matmul_flops('float32', seconds=0.3), matmu
 
 @pytest.mark.parametrize('cpu', ['this', 'avx2_only'])
 def test_the_cpus_answer_agrees_with_a_timed_matmul(cpu):
-    """Native bf16 runs at least a fifth of fp32's speed (1.5x faster to 0.7x here); emulated, a tenth or less
-    (1/60 on an AVX2 EPYC and under AVX2_ONLY)."""
+    """Native bf16 runs at least a fifth of fp32's speed (0.7x to 13x fp32's on the Xeons measured); emulated,
+    an eighth or less (1/60 on an AVX2 EPYC, 1/10 on a Xeon with AMX under AVX2_ONLY)."""
     extra = AVX2_ONLY if cpu == 'avx2_only' else {}
     proc = subprocess.run([sys.executable, '-c', MATMULS], cwd=REPO, env=env(**extra, OMP_NUM_THREADS='1'),
                           capture_output=True, text=True, timeout=120)
     native, fp32, bf16 = json.loads(proc.stdout)
     assert native == (bf16 >= fp32 / 5), (native, fp32, bf16)
-    assert native or bf16 <= fp32 / 10, (native, fp32, bf16)
+    assert native or bf16 <= fp32 / 8, (native, fp32, bf16)
     if cpu == 'avx2_only':
         assert not native
 
@@ -56,12 +56,12 @@ def dry_run(*args, extra=None):
 
 
 def test_auto_says_what_it_picked_and_why():
-    """Here: bf16 where this CPU's bf16 matmul, timed at the model's shape, is clearly faster than fp32's."""
-    said = re.search(r"dtype auto -> (\w+): this CPU(.*)", dry_run().stdout)
+    """Here: bf16 where a block of the model, timed forward and backward, is clearly faster in bf16 than fp32."""
+    said = re.search(r"dtype auto -> (\w+): (.*)", dry_run().stdout)
     if 'no bf16 kernels' in said.group(2):
         assert said.group(1) == 'float32'
     else:
-        speedup = float(re.search(r'matmul runs ([\d.]+)x fp32', said.group(2)).group(1))
+        speedup = float(re.search(r'a block of this model runs ([\d.]+)x as fast in bf16', said.group(2)).group(1))
         assert said.group(1) == ('bfloat16' if speedup >= 1.5 else 'float32')
     avx2 = dry_run(extra=AVX2_ONLY).stdout
     assert 'dtype auto -> float32: this CPU (AVX2) has no bf16 kernels' in avx2
