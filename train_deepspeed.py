@@ -116,7 +116,10 @@ accelerator = get_accelerator()
 on_gpu = accelerator.device_name() == 'cuda'
 local_rank = int(os.environ['LOCAL_RANK'])
 if not on_gpu and 'OMP_NUM_THREADS' not in os.environ:  # ranks on one host share its cores
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
+    # DeepSpeed's launch.py says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE. Two ranks of two threads on two cores
+    # spin in each other's barriers: matmuls at 1% of their speed, now and then
+    ranks_here = int(os.environ.get('LOCAL_SIZE') or os.environ.get('LOCAL_WORLD_SIZE') or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 gpu_major = torch.cuda.get_device_capability(local_rank)[0] if on_gpu else 0
 bf16_native = not on_gpu and cpu_bf16_native()
 planning_gpus = dry_run and (plan_gpus > 0 or plan_gpu_mem_gb > 0)
