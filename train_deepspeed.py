@@ -107,6 +107,9 @@ if 'RANK' not in os.environ:
         os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1',
                           MASTER_ADDR='127.0.0.1', MASTER_PORT=str(s.getsockname()[1]))
 os.environ.setdefault('DS_ACCELERATOR', 'cuda' if torch.cuda.is_available() else 'cpu')
+# DeepSpeed builds its CPU comm op with the first ninja on PATH. pip's ninja in the venv and the system's
+# differ in version, and each takes the other's build for stale: 22 s of rebuilding at every switch
+os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
 
 import deepspeed  # noqa: E402  (after the environment is set: it picks its accelerator on import)
 import torch.distributed as dist  # noqa: E402

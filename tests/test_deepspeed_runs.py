@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, expected_eval, launch, metrics, ok, run
+from conftest import TINY, env, expected_eval, launch, metrics, ok, run
 from model import GPT, GPTConfig
 
 
@@ -97,9 +97,15 @@ def test_estimate_loss_agrees_across_ranks_and_with_one_process(saved_at_each_ev
 
 
 def test_one_process_without_launcher_and_bf16(tmp_path):
-    """plain python runs as a world of one; bf16 trains on CPU."""
-    out = tmp_path / 'out'
+    """plain python runs as a world of one; bf16 trains on CPU. Started with another ninja first on PATH (the
+    system's, of another version), it still builds DeepSpeed's op with its own venv's: each ninja takes the
+    other's build for stale and rebuilds it."""
+    out, other_ninja = tmp_path / 'out', tmp_path / 'bin' / 'ninja'
+    other_ninja.parent.mkdir()
+    other_ninja.write_text(f'#!/bin/sh\ntouch {tmp_path}/other_ninja_ran\nexit 1\n')
+    other_ninja.chmod(0o755)
     proc = ok(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--max_iters=3', '--dtype=bfloat16',
-                   '--eval_interval=3']))
+                   '--eval_interval=3'], environ=env(PATH=f"{other_ninja.parent}{os.pathsep}{os.environ['PATH']}")))
     assert 'bfloat16, 1 rank(s) on cpu' in proc.stdout and 'train_batch_size = 8 x 1 x 1' in proc.stdout
     assert (out / 'final' / 'bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt').exists()
+    assert not (tmp_path / 'other_ninja_ran').exists()
