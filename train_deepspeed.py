@@ -333,7 +333,7 @@ resumed_at = iter_num if init_from == 'resume' else None
 
 # MFU = model FLOPs per token (model.py, computed once) x tokens/s, over the peak of all devices in the run
 model_flops_per_token = flops_per_token(GPTConfig(**{**model_args, 'block_size': block_size}))
-device_name = torch.cuda.get_device_name(local_rank) if on_gpu else 'cpu'
+device_name = torch.cuda.get_device_name(local_rank) if on_gpu else f'cpu, {torch.get_num_threads()} threads'
 peak_flops, peak_source = device_peak_flops(peak_flops, dtype, device_name if on_gpu else None,
                                             model_gemms(batch_size * block_size, model.config.n_embd,
                                                         model.config.vocab_size))

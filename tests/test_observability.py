@@ -38,6 +38,8 @@ def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
 
     run = json.load(open(out / 'run.json'))
     assert run['world_size'] == 2 and len(run['devices']) == 2 and run['config']['max_iters'] == 4
+    threads = max(1, os.cpu_count() // 2)  # two ranks share this host's cores, not each all of them
+    assert [d.split(': ')[1] for d in run['devices']] == [f'cpu, {threads} threads'] * 2
     assert run['ds_config']['train_batch_size'] == 8 * 2 * 2 and run['versions']['deepspeed'] == '0.19.8'
     assert re.fullmatch(r'[0-9a-f]{40}', run['git_commit']) and isinstance(run['git_dirty'], bool)
     assert (out / 'loss.png').stat().st_size > 1000
