@@ -110,6 +110,8 @@ os.environ.setdefault('DS_ACCELERATOR', 'cuda' if torch.cuda.is_available() else
 # DeepSpeed builds its CPU comm op with the first ninja on PATH. pip's ninja in the venv and the system's
 # differ in version, and each takes the other's build for stale: 22 s of rebuilding at every switch
 os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
+if os.environ['RANK'] != '0':  # one progress bar, rank 0's: another rank's half-drawn one swallowed an error line
+    os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'  # transformers' bars follow the hub's
 
 import deepspeed  # noqa: E402  (after the environment is set: it picks its accelerator on import)
 import torch.distributed as dist  # noqa: E402
