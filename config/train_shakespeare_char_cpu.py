@@ -1,12 +1,12 @@
 # The no-GPU demo: a small character-level GPT trained from scratch on Shakespeare with DeepSpeed ZeRO-2
-# on 2 CPU ranks (gloo). Under 3 minutes on a 2-core Xeon (AVX512), val loss about 1.75.
+# on 2 CPU ranks (gloo). Under 3 minutes on a 2-core Xeon (86-147 s), val loss about 1.75.
 # $ python data/shakespeare_char/prepare.py
 # $ deepspeed --num_gpus 2 train_deepspeed.py config/train_shakespeare_char_cpu.py
 out_dir = 'out-shakespeare-char-cpu'
 init_from = 'scratch'
 dataset = 'shakespeare_char'
 deepspeed_config = 'ds_config_zero2.json'
-dtype = 'auto'  # fp32 unless this CPU's bf16 matmul is clearly faster (emulated bf16 is ~60x slower)
+dtype = 'auto'  # fp32 unless a block of this model is clearly faster in bf16 here: fp32 on every CPU so far
 
 n_layer = 4
 n_head = 4
