@@ -1,11 +1,13 @@
 """
-DeepSpeed set-up that the trainer needs but a reader of its loop does not: resolving the JSON config against
-the script's constants, the precision this device computes well, starting the process group with two fixes
-for DeepSpeed's CPU backend, and the one way a run stops on a user error.
+DeepSpeed set-up that the trainer needs but a reader of its loop does not: the process's environment and its
+share of the cores, resolving the JSON config against the script's constants, the precision this device
+computes well, starting the process group with two fixes for DeepSpeed's CPU backend, and the one way a run
+stops on a user error.
 """
 import json
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -152,6 +154,32 @@ def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size,
         raise ValueError(f'{path}: zero_optimization.stage={stage!r}, but DeepSpeed has only ZeRO stages 0-3: set '
                          f'"stage" to 0, 1, 2 or 3 there (ds_config_zero2.json and ds_config_zero3.json ship ready)')
     return ds_config, stage
+
+
+def prepare_process():
+    """The environment a rank needs before DeepSpeed loads (it picks its accelerator on import). Plain `python
+    train_deepspeed.py` becomes a world of one on a free port."""
+    if 'RANK' not in os.environ:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1',
+                              MASTER_ADDR='127.0.0.1', MASTER_PORT=str(s.getsockname()[1]))
+    os.environ.setdefault('DS_ACCELERATOR', 'cuda' if torch.cuda.is_available() else 'cpu')
+    # DeepSpeed builds its CPU comm op with the first ninja on PATH. pip's ninja in the venv and the system's
+    # differ in version, and each takes the other's build for stale: 22 s of rebuilding at every switch
+    os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
+    if os.environ['RANK'] != '0':  # one progress bar, rank 0's: another rank's half-drawn one swallowed an error
+        os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'  # transformers' bars follow the hub's
+
+
+def share_cpu_cores():
+    """Each CPU rank on this host takes its share of the cores as threads, unless OMP_NUM_THREADS says. Two
+    ranks of two threads on two cores spin in each other's OpenMP barriers: matmuls at 1% of their speed, now
+    and then. DeepSpeed's launch.py says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
+    if 'OMP_NUM_THREADS' in os.environ:
+        return
+    ranks_here = int(os.environ.get('LOCAL_SIZE') or os.environ.get('LOCAL_WORLD_SIZE') or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
 def init_distributed(backend, on_gpu, local_rank):

@@ -8,11 +8,14 @@ Three parts, added as if they peaked together, which they nearly do at the start
 Not counted, so leave a margin: the CUDA context and NCCL's workspaces (some hundreds of MB, driver-dependent),
 the caching allocator's fragmentation, and the token ids (about 16 bytes a token).
 """
+import torch
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from model import num_params
+from ds_setup import bf16_speedup, choose_dtype, die
+from model import GPT, GPTConfig, is_pretrained_source, num_params, pretrained_config
+from perf import memory_mb
 
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}  # bytes per element of weights, gradients, activations
 FP32_BYTES = 4
@@ -196,4 +199,48 @@ def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage,
         lines.append(f"CPU ranks here: about {total_gib:.2f} GiB resident per rank ({cpu_runtime_gib:.2f} runtime + "
                      f"{ENGINE_RESIDENT_GIB:.2f} engine + {own['total_gib']:.2f} ZeRO-{stage} plan, buckets counted "
                      f'as far as they fill)')
+    return '\n'.join(lines)
+
+
+def dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, data_note, on_gpu):
+    """The text of `train_deepspeed.py --dry_run=True`: the run's shape and batch, then the plan. From the
+    shape alone: a meta-device model (no weights, no memory), no process group, a note where data is missing.
+    config: the script's resolved settings; the rest as the script worked them out."""
+    init_from, dtype, stage = config['init_from'], config['dtype'], config['zero_stage']
+    batch_size, accumulation = config['batch_size'], config['gradient_accumulation_steps']
+    plan_gpus, plan_gpu_mem_gb = config['plan_gpus'], config['plan_gpu_mem_gb']
+    if init_from == 'scratch':
+        shape = GPTConfig(**scratch_args)
+    elif is_pretrained_source(init_from):
+        shape = pretrained_config(init_from)
+        shape.block_size, shape.dropout = min(config['block_size'], shape.block_size), config['dropout']
+    else:
+        die(f'dry_run plans a start from scratch or a pretrained model, not init_from={init_from!r}')
+    with torch.device('meta'):
+        n_params = sum(p.numel() for p in GPT(shape).parameters())
+    if time_bf16:
+        dtype, dtype_why = choose_dtype('auto', False, 0, True, False,
+                                        bf16_speedup(shape, batch_size, collective=False))
+    gpu_mem = plan_gpu_mem_gb * GIB
+    if on_gpu and not gpu_mem:
+        gpu_mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    world = f'world size {world_size}' + (' (plan_gpus)' if plan_gpus > 0 else '')
+    tokens_per_iter = batch_size * accumulation * world_size * config['block_size']
+    lines = [f'dry run: {init_from}, {n_params:,} parameters ({shape.n_layer} layers, {shape.n_head} heads, '
+             f'{shape.n_embd} wide, context {shape.block_size}, vocab {shape.vocab_size}), {dtype}, '
+             f"ZeRO-{stage} in {config['deepspeed_config']}",
+             f'{world}; train_batch_size = {batch_size} (micro) x {accumulation} (accumulation) x '
+             f"{world_size} (world) = {ds_config['train_batch_size']} sequences, "
+             f'{tokens_per_iter:,} tokens per iter']
+    if dtype_why:
+        lines.append(f'dtype auto -> {dtype}: {dtype_why}')
+    if data_note:
+        lines.append(data_note)
+    cpu_runtime_gib = None
+    planning_own_cpu_ranks = not on_gpu and not plan_gpus and not plan_gpu_mem_gb
+    if planning_own_cpu_ranks:
+        from torch import _dynamo  # noqa: F401  deepspeed.initialize imports it on first use: ~70 MB a rank
+        cpu_runtime_gib = memory_mb(False)['rss_mb'] / 1024  # torch, DeepSpeed and what they import
+    lines.append(report(shape, batch_size, accumulation, world_size, dtype, ds_config, stage,
+                        config['deepspeed_config'], gpu_mem or None, cpu_runtime_gib))
     return '\n'.join(lines)

@@ -13,7 +13,6 @@ $ deepspeed --num_gpus 4 train_deepspeed.py --init_from=resume [--resume_tag=ite
 import filecmp
 import math
 import os
-import pickle
 import shutil
 import socket
 import sys
@@ -25,7 +24,7 @@ import torch
 import checkpoints
 import data_sources
 
-from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source, pretrained_config
+from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, is_pretrained_source
 from perf import MetricsLog, PhaseTimer, device_peak_flops, log_line, memory_mb, mfu, model_gemms
 from perf import write_run_json
 from preemption import StopFlag
@@ -94,24 +93,13 @@ config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged
 # -----------------------------------------------------------------------------
 import settings  # noqa: E402
 from ds_setup import bf16_speedup, choose_dtype, cpu_bf16_native, die, emulated_bf16_warning  # noqa: E402
-from ds_setup import init_distributed, resolve_ds_config  # noqa: E402
+from ds_setup import init_distributed, prepare_process, resolve_ds_config, share_cpu_cores  # noqa: E402
 
 bad_setting = settings.problem(config)  # before DeepSpeed loads: a wrong number costs a second, not five
 if bad_setting:
     die(bad_setting)
 
-# plain `python train_deepspeed.py` runs as a world of one, as nanoGPT's train.py does
-if 'RANK' not in os.environ:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1',
-                          MASTER_ADDR='127.0.0.1', MASTER_PORT=str(s.getsockname()[1]))
-os.environ.setdefault('DS_ACCELERATOR', 'cuda' if torch.cuda.is_available() else 'cpu')
-# DeepSpeed builds its CPU comm op with the first ninja on PATH. pip's ninja in the venv and the system's
-# differ in version, and each takes the other's build for stale: 22 s of rebuilding at every switch
-os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
-if os.environ['RANK'] != '0':  # one progress bar, rank 0's: another rank's half-drawn one swallowed an error line
-    os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'  # transformers' bars follow the hub's
+prepare_process()  # a world of one for plain `python train_deepspeed.py`, as nanoGPT's train.py is
 
 import deepspeed  # noqa: E402  (after the environment is set: it picks its accelerator on import)
 import torch.distributed as dist  # noqa: E402
@@ -120,11 +108,8 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 accelerator = get_accelerator()
 on_gpu = accelerator.device_name() == 'cuda'
 local_rank = int(os.environ['LOCAL_RANK'])
-if not on_gpu and 'OMP_NUM_THREADS' not in os.environ:  # ranks on one host share its cores
-    # DeepSpeed's launch.py says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE. Two ranks of two threads on two cores
-    # spin in each other's barriers: matmuls at 1% of their speed, now and then
-    ranks_here = int(os.environ.get('LOCAL_SIZE') or os.environ.get('LOCAL_WORLD_SIZE') or 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+if not on_gpu:
+    share_cpu_cores()  # the ranks on one host share its cores
 gpu_major = torch.cuda.get_device_capability(local_rank)[0] if on_gpu else 0
 bf16_native = not on_gpu and cpu_bf16_native()
 planning_gpus = dry_run and (plan_gpus > 0 or plan_gpu_mem_gb > 0)
@@ -185,44 +170,15 @@ def get_batch(split, rng, source=None):
 meta_path = ''  # a mix shares one vocabulary
 if sources:
     meta_path = os.path.join(sources[source_names[0]][0], 'meta.pkl')
-meta_vocab_size = None
-if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
+meta = data_sources.read_meta(meta_path)  # None: GPT-2 BPE
+meta_vocab_size = meta['vocab_size'] if meta else None
 
 scratch_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                     dropout=dropout, vocab_size=meta_vocab_size or 50304)  # 50304: 50257 padded to a multiple of 64
 
-if dry_run:  # the plan, from the shape alone: a meta-device model (no weights, no memory), no process group
-    import memory_plan
-    if init_from == 'scratch':
-        shape = GPTConfig(**scratch_args)
-    elif is_pretrained_source(init_from):
-        shape = pretrained_config(init_from)
-        shape.block_size, shape.dropout = min(block_size, shape.block_size), dropout
-    else:
-        die(f'dry_run plans a start from scratch or a pretrained model, not init_from={init_from!r}')
-    with torch.device('meta'):
-        n_params = sum(p.numel() for p in GPT(shape).parameters())
-    if time_bf16:
-        dtype, dtype_why = choose_dtype('auto', False, 0, True, False,
-                                        bf16_speedup(shape, batch_size, collective=False))
-    gpu_mem = plan_gpu_mem_gb * 2**30 or (torch.cuda.get_device_properties(local_rank).total_memory if on_gpu else None)
-    print(f'dry run: {init_from}, {n_params:,} parameters ({shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} '
-          f'wide, context {shape.block_size}, vocab {shape.vocab_size}), {dtype}, ZeRO-{stage} in {deepspeed_config}')
-    print(f'world size {world_size}' + (' (plan_gpus)' if plan_gpus > 0 else '') + f'; train_batch_size = '
-          f'{batch_size} (micro) x {gradient_accumulation_steps} (accumulation) x {world_size} (world) = '
-          f"{ds_config['train_batch_size']} sequences, {tokens_per_iter:,} tokens per iter")
-    if dtype_why:
-        print(f'dtype auto -> {dtype}: {dtype_why}')
-    if data_note:
-        print(data_note)
-    cpu_runtime_gib = None
-    if not on_gpu and not plan_gpus and not plan_gpu_mem_gb:  # planning this machine's own CPU ranks
-        import torch._dynamo  # noqa: F401  deepspeed.initialize imports it on first use: ~70 MB of code per rank
-        cpu_runtime_gib = memory_mb(False)['rss_mb'] / 1024  # torch, DeepSpeed and what they import
-    print(memory_plan.report(shape, batch_size, gradient_accumulation_steps, world_size, dtype, ds_config, stage,
-                             deepspeed_config, gpu_mem, cpu_runtime_gib))
+if dry_run:  # the plan from the shape alone (memory_plan.py): no weights, no process group, no data needed
+    import memory_plan  # imports DeepSpeed's estimators: only after the environment above is set
+    print(memory_plan.dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, data_note, on_gpu))
     sys.stdout.flush()
     os._exit(0)
 
