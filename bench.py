@@ -9,7 +9,6 @@ by the deepspeed launcher, timed from its own metrics.jsonl; 'no phase timers' m
 """
 import json as jsonlib  # the name json is the --json option below
 import os
-import pickle
 import shutil
 import statistics
 import subprocess
@@ -20,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+import data_sources
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
 from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
 
@@ -46,7 +46,7 @@ device = 'cuda' if on_gpu else 'cpu'
 
 
 def batches():
-    data = np.memmap(os.path.join(HERE, 'data', dataset, 'train.bin'), dtype=np.uint16, mode='r')
+    data = np.memmap(os.path.join(data_sources.folder(dataset), 'train.bin'), dtype=np.uint16, mode='r')
     rng = np.random.default_rng(0)
     while True:
         ix = rng.integers(0, len(data) - block_size, size=batch_size)
@@ -101,8 +101,8 @@ def deepspeed_run(shape, stage, ranks, accumulation, workdir, extra=()):
     return statistics.median(times)
 
 
-meta = os.path.join(HERE, 'data', dataset, 'meta.pkl')  # the trainer's vocabulary: the dataset's, or GPT-2's padded
-vocab_size = pickle.load(open(meta, 'rb'))['vocab_size'] if os.path.exists(meta) else 50304
+meta = data_sources.read_meta(data_sources.folder(dataset))  # the trainer's vocabulary, or GPT-2's padded
+vocab_size = meta['vocab_size'] if meta else 50304
 shapes = {'bench': GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)}
 if gpu_shapes and on_gpu:
     for name in ('gpt2', 'gpt2-xl'):

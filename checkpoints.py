@@ -165,16 +165,22 @@ def size(n_bytes):
     return f'{n_bytes / 2**30:.2f} GiB' if n_bytes >= 2**30 else f'{n_bytes / 2**20:.1f} MiB'
 
 
+def checkpoint_bytes(n_params, dtype):
+    """About what one checkpoint of n_params takes on disk before the first save has shown it: the weights
+    (4 bytes in fp32, else 2; dtype 'auto' is 16-bit, as on a GPU) and 12 bytes of fp32 Adam states (master
+    copy, two moments) per parameter."""
+    return n_params * ((4 if dtype == 'float32' else 2) + 12)
+
+
 def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
     """'' when out_dir's disk has room for one more checkpoint plus min_free_disk_mb, else the line that says so.
-    The need is the newest checkpoint's size; before the first save, 4 or 2 bytes of weights and 12 bytes of fp32
-    Adam states (master copy, two moments) per parameter."""
+    The need is the newest checkpoint's size, before the first save checkpoint_bytes."""
     latest = os.path.join(out_dir, 'latest')
     need = 0
     if os.path.isfile(latest):
         with open(latest) as f:
             need = folder_bytes(os.path.join(out_dir, f.read().strip()))
-    need = need or n_params * ((4 if dtype == 'float32' else 2) + 12)
+    need = need or checkpoint_bytes(n_params, dtype)
     free = shutil.disk_usage(existing_ancestor(out_dir)).free  # a node with its own disk may not have made it yet
     if free - need >= min_free_disk_mb * 2**20:
         return ''

@@ -11,6 +11,23 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def folder(name):
+    """The folder of a dataset name: a path as given, a bare name under data/ beside this file."""
+    return name if os.sep in name else os.path.join(HERE, 'data', name)
+
+
+def read_meta(folder_or_file):
+    """The dict in a folder's meta.pkl (or in the file given): 'vocab_size', and for a character vocabulary
+    'stoi' and 'itos'. None where there is none: the data is GPT-2 BPE."""
+    path = folder_or_file
+    if os.path.isdir(path):
+        path = os.path.join(path, 'meta.pkl')
+    if not os.path.isfile(path):
+        return None
+    with open(path, 'rb') as f:
+        return pickle.load(f)
+
+
 def resolve(dataset, block_size):
     """{name: (folder, weight)} with weights summing to 1, every file checked; ValueError says what to fix."""
     mix = dataset if isinstance(dataset, dict) else {dataset: 1.0}
@@ -23,11 +40,11 @@ def resolve(dataset, block_size):
     total = sum(mix.values())
     sources = {}
     for name, weight in mix.items():
-        folder = name if os.sep in name else os.path.join(HERE, 'data', name)
+        where = folder(name)
         for split in ('train', 'val'):
-            check_bin(os.path.join(folder, f'{split}.bin'), block_size, os.path.join(folder, 'prepare.py'))
-        sources[name] = (folder, weight / total)
-    vocabs = {name: vocabulary(folder) for name, (folder, _) in sources.items()}
+            check_bin(os.path.join(where, f'{split}.bin'), block_size, os.path.join(where, 'prepare.py'))
+        sources[name] = (where, weight / total)
+    vocabs = {name: vocabulary(where) for name, (where, _) in sources.items()}
     first = next(iter(vocabs))
     for name, vocab in vocabs.items():
         if vocab != vocabs[first]:
@@ -48,13 +65,11 @@ def check_bin(path, block_size, prepare):
                          f'use more text or a smaller --block_size')
 
 
-def vocabulary(folder):
-    """The character vocabulary of meta.pkl, or None for GPT-2 BPE (no meta.pkl)."""
-    path = os.path.join(folder, 'meta.pkl')
-    if not os.path.isfile(path):
+def vocabulary(where):
+    """The character vocabulary of a folder's meta.pkl, or None for GPT-2 BPE (no meta.pkl)."""
+    meta = read_meta(where)
+    if meta is None:
         return None
-    with open(path, 'rb') as f:
-        meta = pickle.load(f)
     return meta.get('stoi') or dict.fromkeys(range(meta['vocab_size']))  # no symbols saved: compare the sizes
 
 
@@ -65,9 +80,9 @@ def describe(vocab):
 def check_token_ids(sources, vocab_size, chunks=64, chunk_tokens=16384):
     """Every id must be < vocab_size, or the embedding lookup fails deep in a run (or silently on some GPUs).
     Reads up to chunks x chunk_tokens ids spread over each file, not the whole file."""
-    for folder, _ in sources.values():
+    for where, _ in sources.values():
         for split in ('train', 'val'):
-            path = os.path.join(folder, f'{split}.bin')
+            path = os.path.join(where, f'{split}.bin')
             data = np.memmap(path, dtype=np.uint16, mode='r')
             starts = np.unique(np.linspace(0, max(0, len(data) - chunk_tokens), chunks).astype(np.int64))
             for start in starts:

@@ -16,6 +16,7 @@ import sys
 import torch
 
 import checkpoints
+import data_sources
 from model import GPT, GPTConfig
 
 out_dir = 'out-shakespeare-xl-deepspeed'  # the run's out_dir (a tag folder inside it works too)
@@ -97,8 +98,7 @@ def stage0_state_dict(saved, model):
 def find_vocab(out_dir, client):
     """The run's meta.pkl (character vocabulary), or None for GPT-2 BPE."""
     dataset = client.get('config', {}).get('dataset', '')
-    data_dir = dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-    for path in (os.path.join(out_dir, 'meta.pkl'), os.path.join(data_dir, 'meta.pkl')):
+    for path in (os.path.join(out_dir, 'meta.pkl'), os.path.join(data_sources.folder(dataset), 'meta.pkl')):
         if dataset and os.path.isfile(path):
             return path
     return None

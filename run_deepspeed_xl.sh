@@ -85,23 +85,27 @@ fi
 # what will run: the trainer's constants with the config file and overrides applied (bad keys fail here)
 settings=$(python configurator.py train_deepspeed.py "${train_args[@]}") || exit 2
 get() { python -c "import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$settings" "$1"; }
-dataset=$(get dataset); out_dir=$(get out_dir); ds_config=$(get deepspeed_config); init_from=$(get init_from)
+out_dir=$(get out_dir); ds_config=$(get deepspeed_config); init_from=$(get init_from)
 micro=$(get batch_size); accum=$(get gradient_accumulation_steps)
 
 python -c "import json, sys; json.load(open(sys.argv[1]))" "$ds_config" 2>/dev/null \
   || fail "DeepSpeed config $ds_config is missing or not valid JSON (python -m json.tool $ds_config shows where)"
-case "$dataset" in
-  {*) data_dir="the mix $dataset" ;;  # a {name: weight} mix: the trainer checks each of its folders
-  */*) data_dir="$dataset" ;;
-  *) data_dir="data/$dataset" ;;
-esac
-for split in train val; do
-  [[ "$dataset" == {* ]] || [ -f "$data_dir/$split.bin" ] || fail "$data_dir/$split.bin not found: run python $data_dir/prepare.py"
-done
-
-# disk: one checkpoint holds the weights and the fp32 Adam states, about 16 bytes per parameter
+# the data and the disk, by the trainer's own rules (data_sources.py, checkpoints.py); a dry run needs no data
+data_dir="not checked (a dry run plans without data)"
+[ "$dry_run" = 1 ] || data_dir=$(python - "$settings" <<'EOF'
+import json, sys
+import data_sources
+s = json.loads(sys.argv[1])
+try:
+    sources = data_sources.resolve(s['dataset'], s['block_size'])
+except ValueError as e:
+    sys.exit(f'error: {e}')
+print(', '.join(folder for folder, _ in sources.values()))
+EOF
+) || exit 1
 need_gb=$(python - "$settings" <<'EOF'
 import json, os, sys
+import checkpoints
 from model import GPTConfig, PRETRAINED_SHAPES, num_params
 s = json.loads(sys.argv[1])
 shape = dict(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], vocab_size=50304)
@@ -110,7 +114,8 @@ if s['init_from'] in PRETRAINED_SHAPES:
 elif os.path.isfile(os.path.join(s['init_from'], 'config.json')):
     c = json.load(open(os.path.join(s['init_from'], 'config.json')))
     shape = {k: c[k] for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size')}
-print(f"{num_params(GPTConfig(block_size=s['block_size'], **shape)) * 16 / 1e9:.1f}")
+n_params = num_params(GPTConfig(block_size=s['block_size'], **shape))
+print(f"{checkpoints.checkpoint_bytes(n_params, s['dtype']) / 1e9:.1f}")
 EOF
 )
 probe="$out_dir"; while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done

@@ -9,7 +9,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import pickle
+
+from data_sources import read_meta
 
 VOCAB_BPE_SHA256 = '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5'
 ENCODER_JSON_SHA256 = '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'
@@ -61,9 +62,8 @@ def write_hf_gpt2_tokenizer(folder, model_max_length):
 
 def load_codec(meta_path=None):
     """(encode, decode) for a dataset: its character vocabulary when meta.pkl exists, else GPT-2 BPE."""
-    if meta_path and os.path.exists(meta_path):
-        with open(meta_path, 'rb') as f:
-            meta = pickle.load(f)
+    meta = read_meta(meta_path) if meta_path else None
+    if meta:
         stoi, itos = meta['stoi'], meta['itos']
 
         def encode(s):
