@@ -1,5 +1,6 @@
 """Helpers for tests that launch the real deepspeed launcher with CPU ranks over gloo."""
 import ast
+import hashlib
 import json
 import os
 import socket
@@ -63,6 +64,56 @@ def run(cmd, timeout=300, merge_stderr=True, environ=None):
 def ok(proc):
     assert proc.returncode == 0, proc.stdout[-4000:]
     return proc
+
+
+def sh(*args, environ=None, script=None, timeout=300):
+    """run_deepspeed_xl.sh <args> (or a copy of it at script), run from its folder; output merged."""
+    script = script or os.path.join(REPO, 'run_deepspeed_xl.sh')
+    return subprocess.run([script, *args], cwd=os.path.dirname(script), env=environ or env(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def one_error(proc):
+    """The single 'error:' line of a failed command (stdout and stderr, merged or not): non-zero exit, exactly
+    one such line, no traceback."""
+    out = (proc.stdout or '') + (proc.stderr or '')
+    errors = [line for line in out.splitlines() if line.startswith('error:')]
+    assert proc.returncode != 0, out[-3000:]
+    assert len(errors) == 1 and 'Traceback' not in out, out[-3000:]
+    return errors[0]
+
+
+def dry_run(*args, environ=None):
+    """python train_deepspeed.py --dry_run=True <args>: no launcher, no process group."""
+    return run([sys.executable, 'train_deepspeed.py', '--dry_run=True', *args], timeout=120, environ=environ)
+
+
+def snapshot(root, ignore_logs=False):
+    """relative path -> (sha256, mtime_ns) of every file, 'dir' for every folder; {} if root is absent.
+    ignore_logs: leave out metrics.jsonl and run*.json, which every start appends to or writes."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            seen[os.path.relpath(os.path.join(folder, d), root)] = 'dir'
+        for name in files:
+            is_log = name == 'metrics.jsonl' or (name.startswith('run.') and name.endswith('.json'))
+            if ignore_logs and is_log:
+                continue
+            path = os.path.join(folder, name)
+            with open(path, 'rb') as f:
+                seen[os.path.relpath(path, root)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+    return seen
+
+
+def tiny_hf(path, n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97):
+    """A random transformers GPT-2 saved to path: the stand-in for OpenAI's weights, not reachable here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                                    vocab_size=vocab_size, bos_token_id=vocab_size - 1,
+                                    eos_token_id=vocab_size - 1)).eval()
+    hf.save_pretrained(path)
+    return hf
 
 
 def metrics(out_dir):

@@ -4,18 +4,16 @@ finished run's checkpoint, which must be byte-for-byte the same afterwards, with
 
 The trainer's cases run as plain `python train_deepspeed.py` (a world of one): every check here happens before
 training, so the 2-rank launcher would only add start-up time. The one 2-rank run is the finished run itself."""
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
 import pytest
 
-from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, ok, run, slow_rank
-from test_model import tiny_hf
+from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, ok, one_error, run, sh, slow_rank, snapshot
+from conftest import tiny_hf
 
 SCRIPT = os.path.join(REPO, 'run_deepspeed_xl.sh')
 OFFLINE = env(HF_HUB_OFFLINE='1', HF_HOME=tempfile.mkdtemp())  # no test reaches the hub, none finds a cache
@@ -28,28 +26,6 @@ def finished_run(tmp_path_factory):
     ok(launch([*TINY, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2']))
     assert (out / 'latest').read_text() == 'final' and (out / 'final').is_dir()
     return out
-
-
-def snapshot(root):
-    """relative path -> (sha256, mtime_ns) of every file, and -> 'dir' for every folder; {} if root is absent."""
-    seen = {}
-    for folder, dirs, files in os.walk(root):
-        for d in dirs:
-            seen[os.path.relpath(os.path.join(folder, d), root)] = 'dir'
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, 'rb') as f:
-                seen[os.path.relpath(path, root)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
-    return seen
-
-
-def one_error(proc):
-    """The single 'error:' line of a failed command's merged output."""
-    out = proc.stdout
-    errors = [line for line in out.splitlines() if line.startswith('error:')]
-    assert proc.returncode != 0, out[-3000:]
-    assert len(errors) == 1 and 'Traceback' not in out, out[-3000:]
-    return errors[0]
 
 
 def write(path, text):
@@ -224,11 +200,6 @@ def test_resume_from_a_missing_out_dir_creates_nothing(tmp_path):
 
 # --- run_deepspeed_xl.sh ---------------------------------------------------------------------------------------
 
-def sh(*args, environ=None, script=SCRIPT, timeout=120):
-    return subprocess.run([script, *args], cwd=os.path.dirname(script), env=environ or env(), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-
-
 def fake_gpus(tmp_path, count):
     """An environment whose `python` reports `count` CUDA devices to the script's GPU count and is the venv's
     python otherwise: the script's checks against the GPU count, on a machine without GPUs. The script runs from
@@ -267,6 +238,15 @@ LAUNCHER_CASES = {
     'cpu_demo_ranks_beyond_the_cores': (
         lambda tmp: (['--cpu-demo', '--num_gpus', str(os.cpu_count() + 1)], None),
         [f'--num_gpus {os.cpu_count() + 1}', f'{os.cpu_count()} CPU core(s)', f'--num_gpus {os.cpu_count()} or fewer']),
+    'ds_json_does_not_parse': (
+        lambda tmp: (['--cpu-demo', f"--deepspeed_config={write(tmp / 'ds.json', BROKEN_JSON)}"], None),
+        ['/ds.json is missing or not valid JSON', 'python -m json.tool']),
+    'dataset_folder_without_bins': (
+        lambda tmp: (['--cpu-demo', f'--dataset={tmp}/nodata'], None),
+        ['/nodata/train.bin not found: run python', '/nodata/prepare.py']),
+    'unknown_key': (
+        lambda tmp: (['--cpu-demo', '--max_iter=3'], None),
+        ["unknown key 'max_iter'", 'max_iters']),
 }
 
 
@@ -276,7 +256,7 @@ def attempt_launcher(case, tmp_path, finished_run):
     out = tmp_path / 'out'
     shutil.copytree(finished_run, out)
     args, environ = setup(tmp_path)
-    args = [*args, *TINY, f'--out_dir={out}', '--max_iters=1', '--eval_iters=1']
+    args = [*TINY, f'--out_dir={out}', '--max_iters=1', '--eval_iters=1', *args]  # the case's own come last
     before = snapshot(out)
     script = tmp_path / 'repo' / os.path.basename(SCRIPT)  # made by fake_gpus
     proc = sh(*args, environ=environ, script=str(script) if script.exists() else SCRIPT)
@@ -285,8 +265,10 @@ def attempt_launcher(case, tmp_path, finished_run):
 
 @pytest.mark.parametrize('case', list(LAUNCHER_CASES))
 def test_launcher_script_refuses(case, tmp_path, finished_run):
+    """Exit 1, or 2 for a setting the trainer itself would refuse (the script asks configurator.py)."""
     _, proc, before, after = attempt_launcher(case, tmp_path, finished_run)
     line = one_error(proc)
+    assert proc.returncode == (2 if case == 'unknown_key' else 1)
     assert after == before
     assert 'running:' not in proc.stdout  # stopped before anything was launched
     for phrase in LAUNCHER_CASES[case][1]:

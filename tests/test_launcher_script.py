@@ -5,20 +5,9 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO, env
+from conftest import REPO, env, one_error, sh
 
 SCRIPT = os.path.join(REPO, 'run_deepspeed_xl.sh')
-
-
-def sh(*args, environ=None, script=SCRIPT, timeout=300):
-    return subprocess.run([script, *args], cwd=REPO, env=environ or env(), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def error_line(proc):
-    lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-    assert proc.returncode != 0 and len(lines) == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    return lines[0]
 
 
 def test_no_gpu_offers_the_cpu_demo():
@@ -30,26 +19,10 @@ def test_no_gpu_offers_the_cpu_demo():
 def test_dry_run_plans_without_a_gpu(tmp_path):
     proc = sh('--dry-run', '--num_gpus', '8', '--plan_gpu_mem_gb=24', '--dtype=bfloat16', '--batch_size=2',
               '--gradient_accumulation_steps=8', f'--out_dir={tmp_path / "out"}')
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     assert '8 GPU(s), planned' in proc.stdout and '2 (micro) x 8 (accumulation) x 8 (world) = 128 sequences' in proc.stdout
     assert 'recommended for 24.0 GiB per GPU and 128 sequences per step' in proc.stdout
     assert not (tmp_path / 'out').exists()
-
-
-def test_cuda_visible_devices_naming_missing_gpus():
-    proc = sh(environ=dict(env(), CUDA_VISIBLE_DEVICES='0,1'))
-    assert 'CUDA_VISIBLE_DEVICES names GPU 0 but this machine has no GPU' in error_line(proc)
-
-
-def test_bad_inputs_stop_before_launch(tmp_path):
-    bad = tmp_path / 'bad.json'
-    bad.write_text('{"zero_optimization": {"stage": 2,}')
-    line = error_line(sh('--cpu-demo', f'--deepspeed_config={bad}'))
-    assert f'DeepSpeed config {bad} is missing or not valid JSON' in line
-    line = error_line(sh('--cpu-demo', f'--dataset={tmp_path}/nodata'))
-    assert f'{tmp_path}/nodata/train.bin not found: run python {tmp_path}/nodata/prepare.py' in line
-    proc = sh('--cpu-demo', '--max_iter=3')
-    assert proc.returncode == 2 and "unknown key 'max_iter'" in proc.stderr
 
 
 def test_deepspeed_missing(tmp_path):
@@ -57,7 +30,7 @@ def test_deepspeed_missing(tmp_path):
     shutil.copy(SCRIPT, tmp_path)
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(tmp_path / 'bare')], check=True)
     environ = dict(env(), PATH=f"{tmp_path / 'bare' / 'bin'}:/usr/bin:/bin")
-    line = error_line(sh(environ=environ, script=str(tmp_path / 'run_deepspeed_xl.sh')))
+    line = one_error(sh(environ=environ, script=str(tmp_path / 'run_deepspeed_xl.sh')))
     assert 'deepspeed is not importable' in line and './setup.sh' in line
 
 

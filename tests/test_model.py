@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_hf
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, num_params
 
 SMALL = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
@@ -74,17 +75,6 @@ def test_weight_decay_groups():
     assert decay['weight_decay'] == 0.1 and all(p.dim() == 2 for p in decay['params'])
     assert no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
     assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params()
-
-
-def tiny_hf(path, n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97):
-    """A random transformers GPT-2 saved to path: the stand-in for OpenAI's weights, which are not reachable here."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
-                                    vocab_size=vocab_size, bos_token_id=vocab_size - 1,
-                                    eos_token_id=vocab_size - 1)).eval()
-    hf.save_pretrained(path)
-    return hf
 
 
 # head sizes 16, 16, 8 and 6 (n_head 3, 5 and 6 are not powers of two); contexts all shorter than 1024

@@ -1,6 +1,5 @@
 """Pre-emption, rotation, the disk check, NaN guards, early stopping, dataset mixes and damaged checkpoints,
 each on real 2-rank DeepSpeed runs on CPU (gloo)."""
-import hashlib
 import os
 import pickle
 import re
@@ -17,27 +16,10 @@ import torch
 
 import checkpoints
 import data_sources
-from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok, run, script_function
+from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok, one_error, run, script_function
+from conftest import snapshot
 
 CHAR = os.path.join(REPO, 'data', 'shakespeare_char')
-
-
-def snapshot(out_dir, skip=('metrics.jsonl',)):
-    """relative path -> sha256 of every file, and the mtime; run.json files are written by every start."""
-    out = {}
-    for root, _, files in os.walk(out_dir):
-        for f in files:
-            path = os.path.join(root, f)
-            rel = os.path.relpath(path, out_dir)
-            if f not in skip and not f.startswith('run.'):
-                out[rel] = (hashlib.sha256(open(path, 'rb').read()).hexdigest(), os.path.getmtime(path))
-    return out
-
-
-def error_lines(proc):
-    lines = [line for line in proc.stdout.splitlines() if line.startswith('error:')]
-    assert proc.returncode != 0 and len(lines) == 1, proc.stdout[-3000:]
-    return lines[0]
 
 
 def last_losses(out_dir):
@@ -186,24 +168,24 @@ def test_rotation_keeps_the_newest_the_best_and_final(saved_run, tmp_path):
 def test_nan_stops_and_keeps_the_last_checkpoint(saved_run, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(saved_run[0], out)
-    before = snapshot(out)
+    before = snapshot(out, ignore_logs=True)
     proc = launch([*TINY, f'--out_dir={out}', '--init_from=resume', '--max_iters=20', '--eval_interval=2',
                    '--always_save_checkpoint=True', '--learning_rate=1e38'])  # Adam steps of 1e38: inf logits
-    line = error_lines(proc)
+    line = one_error(proc)
     assert line.startswith('error: loss is NaN/inf') and re.search(r'lr [\d.]+e\+3[78], float32', line) and 'final is untouched' in line
-    assert snapshot(out) == before
+    assert snapshot(out, ignore_logs=True) == before
 
 
 def test_full_disk_stops_before_writing(saved_run, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(saved_run[0], out)
-    before = snapshot(out)
+    before = snapshot(out, ignore_logs=True)
     proc = launch([*TINY, f'--out_dir={out}', '--init_from=resume', '--max_iters=14', '--eval_interval=2',
                    '--always_save_checkpoint=True', f'--min_free_disk_mb={2**40}'])
-    line = error_lines(proc)
+    line = one_error(proc)
     assert f'error: {out} has' in line and 'free, a checkpoint needs about 1.7 MiB plus min_free_disk_mb=' in line
     assert 'stopped before writing it' in line and '--init_from=resume' in line
-    assert snapshot(out) == before
+    assert snapshot(out, ignore_logs=True) == before
     assert [r['iter'] for r in metrics(out) if 'loss' in r][-1] == 11  # it trained up to the save, then stopped
 
 
@@ -216,10 +198,10 @@ def test_damaged_shard_is_one_line(saved_run, tmp_path, damage):
     if damage == 'flip':
         data[len(data) // 2] ^= 0xFF  # torch.load would read this without complaint
     shard.write_bytes(data if damage == 'flip' else data[:len(data) // 2])
-    before = snapshot(out)
-    line = error_lines(launch([*TINY, f'--out_dir={out}', '--init_from=resume', '--max_iters=12']))
+    before = snapshot(out, ignore_logs=True)
+    line = one_error(launch([*TINY, f'--out_dir={out}', '--init_from=resume', '--max_iters=12']))
     assert f'error: {shard}' in line and 'resume from another tag with --resume_tag (iter_6, iter_8)' in line
-    assert snapshot(out) == before
+    assert snapshot(out, ignore_logs=True) == before
 
 
 def test_interrupted_swap_resumes_from_the_parked_folder(saved_run, tmp_path):
@@ -300,7 +282,7 @@ def test_bad_data_and_out_dir_are_one_line(tmp_path, case):
         (tmp_path / 'a_file').write_text('')
         out = tmp_path / 'a_file' / 'out'
     args = [*TINY, f'--dataset={data}', f'--out_dir={out}', '--max_iters=2']
-    line = error_lines(run([sys.executable, 'train_deepspeed.py', *args]))
+    line = one_error(run([sys.executable, 'train_deepspeed.py', *args]))
     expected = {'short': f'{data}/val.bin holds 20 tokens, fewer than block_size + 1 = 33',
                 'odd': f'{data}/train.bin has {2 * len(ids) + 1:,} bytes, an odd number',
                 'ids': f'{data}/train.bin holds token id 500 (at token 1,000) but the model has 84 ids',

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
+from conftest import BIN, REPO, TINY, dry_run, env, free_port, launch, metrics, ok
 from model import GPTConfig, flops_per_token
 
 
@@ -79,11 +79,6 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert 'iter 2: loss' in shown  # the log lines still appear, above the bar
     plain = in_a_terminal([*args, f'--out_dir={tmp_path / "b"}', '--progress=False'])
     assert not re.search(r'\d/3 \[', plain) and 'iter 2: loss' in plain
-
-
-def dry_run(*args):
-    return subprocess.run([os.path.join(BIN, 'python'), 'train_deepspeed.py', '--dry_run=True', *args], cwd=REPO, env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
 
 
 def test_dry_run_plans_gpt2_xl_on_four_gpus_from_here(tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import AVX2_ONLY, REPO, TINY, env, ok, run
+from conftest import AVX2_ONLY, REPO, TINY, dry_run, env, ok, run
 from ds_setup import choose_dtype
 
 
@@ -50,22 +50,22 @@ def test_the_cpus_answer_agrees_with_a_timed_matmul(cpu):
         assert not native
 
 
-def dry_run(*args, extra=None):
-    return ok(run([sys.executable, 'train_deepspeed.py', '--dry_run=True', *TINY, '--dtype=auto', *args],
-                  environ=env(**(extra or {}))))
+def auto_plan(*args, extra=None):
+    """The dry run's text for TINY with dtype auto."""
+    return ok(dry_run(*TINY, '--dtype=auto', *args, environ=env(**(extra or {}))))
 
 
 def test_auto_says_what_it_picked_and_why():
     """Here: bf16 where a block of the model, timed forward and backward, is clearly faster in bf16 than fp32."""
-    said = re.search(r"dtype auto -> (\w+): (.*)", dry_run().stdout)
+    said = re.search(r"dtype auto -> (\w+): (.*)", auto_plan().stdout)
     if 'no bf16 kernels' in said.group(2):
         assert said.group(1) == 'float32'
     else:
         speedup = float(re.search(r'a block of this model runs ([\d.]+)x as fast in bf16', said.group(2)).group(1))
         assert said.group(1) == ('bfloat16' if speedup >= 1.5 else 'float32')
-    avx2 = dry_run(extra=AVX2_ONLY).stdout
+    avx2 = auto_plan(extra=AVX2_ONLY).stdout
     assert 'dtype auto -> float32: this CPU (AVX2) has no bf16 kernels' in avx2
-    gpus = dry_run('--plan_gpus=4').stdout
+    gpus = auto_plan('--plan_gpus=4').stdout
     assert 'dtype auto -> bfloat16: planning GPUs' in gpus
 
 

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, run
+from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, one_error, run
+from conftest import tiny_hf
 from export import consolidate
 from model import GPT, GPTConfig
-from test_model import tiny_hf
 
 
 def ds_config(tmp_path, stage):
@@ -39,12 +39,6 @@ def sample(*args, merge_stderr=True):
 def sample_text(*args):
     """sample.py's standard output, which holds the samples and nothing else."""
     return ok(sample(*args, merge_stderr=False)).stdout
-
-
-def one_error(proc):
-    errors = [line for line in (proc.stdout or '').splitlines() if line.startswith('error:')]
-    assert proc.returncode != 0 and len(errors) == 1, proc.stdout[-3000:]
-    return errors[0]
 
 
 @pytest.mark.parametrize('stage', [2, 3])
@@ -187,7 +181,7 @@ def test_gpt2_bpe_run_exports_a_tokenizer_and_samples(tmp_path):
     """A GPT-2 BPE fine-tune (a tiny pretrained model with GPT-2's vocabulary) on ZeRO-3: the export carries
     GPT-2's tokenizer for transformers, and sample.py decodes with GPT-2 BPE from the run, the export and the
     pretrained folder."""
-    hf = tiny_hf(tmp_path / 'hf', n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
+    tiny_hf(tmp_path / 'hf', n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
     out, exported = tmp_path / 'out', tmp_path / 'export'
     ok(launch([*TINY_RUN, '--dataset=shakespeare', f'--init_from={tmp_path / "hf"}', f'--out_dir={out}',
                '--deepspeed_config=ds_config_zero3.json', '--max_iters=2', '--eval_interval=2']))
