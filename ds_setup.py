@@ -168,7 +168,12 @@ def prepare_process():
     # DeepSpeed builds its CPU comm op with the first ninja on PATH. pip's ninja in the venv and the system's
     # differ in version, and each takes the other's build for stale: 22 s of rebuilding at every switch
     os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')
-    if os.environ['RANK'] != '0':  # one progress bar, rank 0's: another rank's half-drawn one swallowed an error
+    # under one name for every venv: two clones' venvs took each other's build for stale too. So in a venv
+    # the build goes beside it (removing .venv removes it); elsewhere where torch puts it
+    in_a_venv = sys.prefix != sys.base_prefix
+    if in_a_venv:
+        os.environ.setdefault('TORCH_EXTENSIONS_DIR', os.path.join(sys.prefix, 'torch_extensions'))
+    if os.environ['RANK'] != '0':  # one progress bar, rank 0's: another's half-drawn bar swallowed an error
         os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'  # transformers' bars follow the hub's
 
 
@@ -187,8 +192,10 @@ def init_distributed(backend, on_gpu, local_rank):
     all-reduce op under a lock file that a killed build leaves behind (every later start then hangs without
     a word), and the op never unlinks its 66 MB /dev/shm buffer per rank and master port."""
     if not on_gpu and local_rank == 0:
-        lock = os.path.join(os.environ.get('TORCH_EXTENSIONS_DIR', os.path.expanduser('~/.cache/torch_extensions')),
-                            f'py{sys.version_info.major}{sys.version_info.minor}_cpu', 'deepspeed_shm_comm', 'lock')
+        # torch's folder: $TORCH_EXTENSIONS_DIR/<op>, or ~/.cache/torch_extensions/py311_cpu/<op> when unset
+        root = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(
+            os.path.expanduser('~/.cache/torch_extensions'), f'py{sys.version_info.major}{sys.version_info.minor}_cpu')
+        lock = os.path.join(root, 'deepspeed_shm_comm', 'lock')
         if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:
             print(f'warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} min old; if this start '
                   f'hangs, no other DeepSpeed start is running and it is stale: delete it', file=sys.stderr)

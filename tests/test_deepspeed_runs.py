@@ -99,7 +99,7 @@ def test_estimate_loss_agrees_across_ranks_and_with_one_process(saved_at_each_ev
 def test_one_process_without_launcher_and_bf16(tmp_path):
     """plain python runs as a world of one; bf16 trains on CPU. Started with another ninja first on PATH (the
     system's, of another version), it still builds DeepSpeed's op with its own venv's: each ninja takes the
-    other's build for stale and rebuilds it."""
+    other's build for stale and rebuilds it. The build lives in the venv, not in a cache two venvs share."""
     out, other_ninja = tmp_path / 'out', tmp_path / 'bin' / 'ninja'
     other_ninja.parent.mkdir()
     other_ninja.write_text(f'#!/bin/sh\ntouch {tmp_path}/other_ninja_ran\nexit 1\n')
@@ -109,3 +109,5 @@ def test_one_process_without_launcher_and_bf16(tmp_path):
     assert 'bfloat16, 1 rank(s) on cpu' in proc.stdout and 'train_batch_size = 8 x 1 x 1' in proc.stdout
     assert (out / 'final' / 'bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt').exists()
     assert not (tmp_path / 'other_ninja_ran').exists()
+    build = os.path.join(sys.prefix, 'torch_extensions', 'deepspeed_shm_comm')
+    assert os.path.isfile(os.path.join(build, 'deepspeed_shm_comm.so'))
