@@ -193,8 +193,8 @@ def init_distributed(backend, on_gpu, local_rank):
     a word), and the op never unlinks its 66 MB /dev/shm buffer per rank and master port."""
     if not on_gpu and local_rank == 0:
         # torch's folder: $TORCH_EXTENSIONS_DIR/<op>, or ~/.cache/torch_extensions/py311_cpu/<op> when unset
-        root = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.join(
-            os.path.expanduser('~/.cache/torch_extensions'), f'py{sys.version_info.major}{sys.version_info.minor}_cpu')
+        python = f'py{sys.version_info.major}{sys.version_info.minor}'
+        root = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.expanduser(f'~/.cache/torch_extensions/{python}_cpu')
         lock = os.path.join(root, 'deepspeed_shm_comm', 'lock')
         if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:
             print(f'warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} min old; if this start '
