@@ -101,7 +101,7 @@ def deepspeed_run(shape, stage, ranks, accumulation, workdir, extra=()):
     return statistics.median(times)
 
 
-meta = data_sources.read_meta(data_sources.folder(dataset))  # the trainer's vocabulary, or GPT-2's padded
+meta = data_sources.read_meta(os.path.join(data_sources.folder(dataset), 'meta.pkl'))  # or GPT-2's, padded
 vocab_size = meta['vocab_size'] if meta else 50304
 shapes = {'bench': GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)}
 if gpu_shapes and on_gpu:

@@ -16,12 +16,9 @@ def folder(name):
     return name if os.sep in name else os.path.join(HERE, 'data', name)
 
 
-def read_meta(folder_or_file):
-    """The dict in a folder's meta.pkl (or in the file given): 'vocab_size', and for a character vocabulary
-    'stoi' and 'itos'. None where there is none: the data is GPT-2 BPE."""
-    path = folder_or_file
-    if os.path.isdir(path):
-        path = os.path.join(path, 'meta.pkl')
+def read_meta(path):
+    """The dict in a meta.pkl: 'vocab_size', and for a character vocabulary 'stoi' and 'itos'. None where there
+    is no such file: the data is GPT-2 BPE."""
     if not os.path.isfile(path):
         return None
     with open(path, 'rb') as f:
@@ -67,7 +64,7 @@ def check_bin(path, block_size, prepare):
 
 def vocabulary(where):
     """The character vocabulary of a folder's meta.pkl, or None for GPT-2 BPE (no meta.pkl)."""
-    meta = read_meta(where)
+    meta = read_meta(os.path.join(where, 'meta.pkl'))
     if meta is None:
         return None
     return meta.get('stoi') or dict.fromkeys(range(meta['vocab_size']))  # no symbols saved: compare the sizes

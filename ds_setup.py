@@ -50,7 +50,7 @@ def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=Fa
     capability 8) on, fp16 before. CPUs: fp32 where bf16 is emulated; where it is native, bf16 only if its
     block at the model's shape is clearly faster than fp32's (bf16_speedup, measured: 0.0 until then).
     Native is not enough: the demo's model ran 1.4x slower in bf16 on a Xeon with AVX512-BF16 and no AMX,
-    and 1.45x slower on one with AMX, while gpt2's block runs 2.8x faster there. A dry run planning GPUs
+    and 1.25x slower on one with AMX, while gpt2's block runs 2.8x faster there. A dry run planning GPUs
     from a machine without one plans bf16."""
     if dtype != 'auto':
         return dtype, ''
@@ -74,7 +74,7 @@ def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=Fa
 def bf16_speedup(shape, micro_batch, collective):
     """How much faster one transformer block of the model's shape (model.GPTConfig) runs forward and backward in
     bf16 than in fp32 on this CPU. A block, not a matmul: the demo's small model has a bf16 matmul 5x faster
-    than fp32's on a Xeon with AMX, and a step 0.73x as fast (its layer norms, softmax and conversions). The
+    than fp32's on a Xeon with AMX, and a block 0.73x as fast (its layer norms, softmax and conversions). The
     micro batch is cut to about 2e10 FLOPs, so gpt2-xl's block takes a second, not ten. Collective (every
     rank times, all take the mean) so that every rank picks the same dtype."""
     flops_per_token = 6 * 12 * shape.n_embd ** 2  # forward and backward of a block's four matmuls

@@ -104,18 +104,16 @@ print(', '.join(folder for folder, _ in sources.values()))
 EOF
 ) || exit 1
 need_gb=$(python - "$settings" <<'EOF'
-import json, os, sys
+import json, sys
 import checkpoints
-from model import GPTConfig, PRETRAINED_SHAPES, num_params
+from model import GPTConfig, is_pretrained_source, num_params, pretrained_config
 s = json.loads(sys.argv[1])
-shape = dict(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], vocab_size=50304)
-if s['init_from'] in PRETRAINED_SHAPES:
-    shape = dict(zip(('n_layer', 'n_head', 'n_embd'), PRETRAINED_SHAPES[s['init_from']]), vocab_size=50257)
-elif os.path.isfile(os.path.join(s['init_from'], 'config.json')):
-    c = json.load(open(os.path.join(s['init_from'], 'config.json')))
-    shape = {k: c[k] for k in ('n_layer', 'n_head', 'n_embd', 'vocab_size')}
-n_params = num_params(GPTConfig(block_size=s['block_size'], **shape))
-print(f"{checkpoints.checkpoint_bytes(n_params, s['dtype']) / 1e9:.1f}")
+shape = GPTConfig(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], block_size=s['block_size'],
+                  vocab_size=50304)
+if is_pretrained_source(s['init_from']):
+    shape = pretrained_config(s['init_from'])
+    shape.block_size = min(s['block_size'], shape.block_size)
+print(f"{checkpoints.checkpoint_bytes(num_params(shape), s['dtype']) / 1e9:.1f}")
 EOF
 )
 probe="$out_dir"; while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done

@@ -62,7 +62,7 @@ def write_hf_gpt2_tokenizer(folder, model_max_length):
 
 def load_codec(meta_path=None):
     """(encode, decode) for a dataset: its character vocabulary when meta.pkl exists, else GPT-2 BPE."""
-    meta = read_meta(meta_path) if meta_path else None
+    meta = read_meta(meta_path or '')
     if meta:
         stoi, itos = meta['stoi'], meta['itos']
 
