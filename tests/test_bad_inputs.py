@@ -217,7 +217,8 @@ def fake_gpus(tmp_path, count):
     return dict(env(), PATH=f'{shim}{os.pathsep}{BIN}{os.pathsep}{os.environ["PATH"]}')
 
 
-# id -> (arguments and environment: (tmp_path) -> (args, environ or None), phrases the error line must hold).
+# id -> (arguments and environment: (tmp_path) -> (args, environ or None), phrases the error line must hold,
+# {tmp} standing for tmp_path).
 # Each also gets tiny settings and --max_iters=1, so that a check that stopped working costs a short run, not a demo.
 LAUNCHER_CASES = {
     'cuda_visible_devices_without_gpus': (
@@ -240,10 +241,10 @@ LAUNCHER_CASES = {
         [f'--num_gpus {os.cpu_count() + 1}', f'{os.cpu_count()} CPU core(s)', f'--num_gpus {os.cpu_count()} or fewer']),
     'ds_json_does_not_parse': (
         lambda tmp: (['--cpu-demo', f"--deepspeed_config={write(tmp / 'ds.json', BROKEN_JSON)}"], None),
-        ['/ds.json is missing or not valid JSON', 'python -m json.tool']),
+        ['DeepSpeed config {tmp}/ds.json is missing or not valid JSON', 'python -m json.tool']),
     'dataset_folder_without_bins': (
         lambda tmp: (['--cpu-demo', f'--dataset={tmp}/nodata'], None),
-        ['/nodata/train.bin not found: run python', '/nodata/prepare.py']),
+        ['{tmp}/nodata/train.bin not found: run python {tmp}/nodata/prepare.py']),
     'unknown_key': (
         lambda tmp: (['--cpu-demo', '--max_iter=3'], None),
         ["unknown key 'max_iter'", 'max_iters']),
@@ -272,4 +273,4 @@ def test_launcher_script_refuses(case, tmp_path, finished_run):
     assert after == before
     assert 'running:' not in proc.stdout  # stopped before anything was launched
     for phrase in LAUNCHER_CASES[case][1]:
-        assert phrase in line, (phrase, line)
+        assert phrase.format(tmp=tmp_path) in line, (phrase, line)
