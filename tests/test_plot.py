@@ -22,7 +22,8 @@ def write_run(folder):
     resumed = [{'iter': 5, 'train_loss': 2.5, 'val_loss': 2.55}] + \
               [train(i, 2.0 - 0.05 * i, mfu=0.31, max_mem_gb=1.5) for i in range(5, 13)] + \
               [{'iter': 10, 'train_loss': 1.6, 'val_loss': 1.7}]
-    lines = [json.dumps(r) for r in first] + ['{"iter": 9, "lo'] + [json.dumps(r) for r in resumed]  # a killed write
+    killed_write = '{"iter": 9, "lo'
+    lines = [json.dumps(r) for r in first] + [killed_write] + [json.dumps(r) for r in resumed]
     (folder / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
 
 
@@ -74,20 +75,31 @@ def test_plot_run_in_process_and_failed_plot_keeps_old_png(tmp_path, monkeypatch
 
 
 def test_only_evals_or_only_training_records(tmp_path):
-    (tmp_path / 'metrics.jsonl').write_text(json.dumps({'iter': 0, 'train_loss': 3.0, 'val_loss': 3.1}) + '\n')
+    metrics = tmp_path / 'metrics.jsonl'
+    metrics.write_text(json.dumps({'iter': 0, 'train_loss': 3.0, 'val_loss': 3.1}) + '\n')
     png_ok(plot_run(str(tmp_path)))
-    (tmp_path / 'metrics.jsonl').write_text(json.dumps({'iter': 0, 'loss': 3.0}) + '\n')  # no tokens_per_s either
+    metrics.write_text(json.dumps({'iter': 0, 'loss': 3.0}) + '\n')  # no tokens_per_s either
     png_ok(plot_run(str(tmp_path)))
+
+
+def test_helpers_raise_value_error(tmp_path):
+    """In process (the trainer's --plot=True), a problem is a ValueError the caller reports, not an exit."""
+    with pytest.raises(ValueError, match='not found: pass the folder the run saved into'):
+        read_metrics(str(tmp_path / 'nope'))
+    with pytest.raises(ValueError, match='no metrics.jsonl in'):
+        plot_run(str(tmp_path))
 
 
 @pytest.mark.parametrize('case', ['missing_dir', 'no_metrics', 'no_records'])
 def test_errors_are_one_line(tmp_path, case):
     out_dir = tmp_path / 'nope' if case == 'missing_dir' else tmp_path
     if case == 'no_records':
-        (tmp_path / 'metrics.jsonl').write_text('\n{"iter": 3, "lo\n[1, 2]\n{"loss": 2.0}\n{"iter": 1, "note": "x"}\n')
+        unusable = '\n{"iter": 3, "lo\n[1, 2]\n{"loss": 2.0}\n{"iter": 1, "note": "x"}\n'
+        (tmp_path / 'metrics.jsonl').write_text(unusable)
     proc = run([sys.executable, 'plot.py', str(out_dir)])
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), proc.stdout
     if case == 'no_metrics':
-        assert lines[0] == f'error: no metrics.jsonl in {out_dir}: run train_deepspeed.py with --out_dir={out_dir} first'
+        assert lines[0] == (f'error: no metrics.jsonl in {out_dir}: '
+                            f'run train_deepspeed.py with --out_dir={out_dir} first')
     assert not (tmp_path / 'loss.png').exists()
