@@ -3,9 +3,10 @@ Throughput of the same model, data and global batch: a plain PyTorch loop (one p
 trainer on the DeepSpeed engine with ZeRO 0, 2 and 3, on 1 and 2 ranks, side by side.
 $ python bench.py                                  # CPU: a small GPT; 2 CPU ranks share this machine's cores
 $ python bench.py --n_layer=12 --n_embd=768 --block_size=1024 --dtype=bfloat16 --json=bench.json
-$ python bench.py --gpu_shapes=True                # on GPUs: also gpt2 (124M) and gpt2-xl shapes at block 1024
-Rows: name, tokens_per_s (global), mfu, ratio_vs_plain. The DeepSpeed rows are train_deepspeed.py itself, launched
-by the deepspeed launcher, timed from its own metrics.jsonl; 'no phase timers' measures what time_phases costs.
+$ python bench.py --gpu_shapes=True                # GPUs: also the gpt2 (124M) and gpt2-xl shapes, block 1024
+Rows: name, tokens_per_s (global), mfu, ratio_vs_plain. The DeepSpeed rows are train_deepspeed.py itself,
+launched by the deepspeed launcher, timed from its own metrics.jsonl; 'no phase timers' measures what
+time_phases costs.
 """
 import json as jsonlib  # the name json is the --json option below
 import os
@@ -15,23 +16,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
 import data_sources
+from ds_setup import die
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
 from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
 
 # -----------------------------------------------------------------------------
 n_layer, n_head, n_embd, block_size = 4, 4, 256, 128
 batch_size = 8  # micro batch per rank
-global_batch = 32  # sequences per optimizer step, the same for every row: GA = global_batch / (batch_size x ranks)
+# sequences per optimizer step, the same for every row: GA = global_batch / (batch_size x ranks)
+global_batch = 32
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 dataset = 'shakespeare_char'
 iters = 20  # timed optimizer steps per row, after warmup_iters untimed ones
 warmup_iters = 3
-repeats = 2  # rounds over all rows, interleaved; each row keeps its best round (a shared machine's noise only slows)
+# rounds over all rows, interleaved; each row keeps its best round (a shared machine's noise only slows)
+repeats = 2
 stages = '0,2,3'
 worlds = '1,2'  # rank counts for the DeepSpeed rows (GPUs, or CPU processes sharing the cores)
 gpu_shapes = False  # also gpt2 and gpt2-xl at block 1024 (a GPU with the memory for them)
@@ -40,6 +45,13 @@ json = ''  # a file to write the rows to, as JSON
 from configurator import configure  # noqa: E402
 
 configure(globals())
+# every row's batch split, checked before anything is timed
+if global_batch % batch_size:
+    die(f'global_batch={global_batch} is not a multiple of batch_size={batch_size}')
+for ranks in map(int, worlds.split(',')):
+    if global_batch % (batch_size * ranks):
+        die(f'global_batch={global_batch} does not split into micro batches of {batch_size} '
+            f'over {ranks} ranks')
 HERE = os.path.dirname(os.path.abspath(__file__))
 on_gpu = torch.cuda.is_available()
 device = 'cuda' if on_gpu else 'cpu'
@@ -56,11 +68,15 @@ def batches():
 
 
 def plain(shape, accumulation):
-    """nanoGPT's loop: autocast for 16-bit, AdamW, clipping, a loss.item() every step as the trainer logs it."""
+    """nanoGPT's loop: autocast for 16-bit, AdamW, clipping, a loss.item() every step as the trainer
+    logs it."""
     torch.manual_seed(0)
     model = GPT(shape).to(device)
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
-    ctx = torch.autocast(device, dtype=getattr(torch, dtype)) if dtype != 'float32' else torch.autocast(device, enabled=False)
+    if dtype == 'float32':
+        ctx = torch.autocast(device, enabled=False)
+    else:
+        ctx = torch.autocast(device, dtype=getattr(torch, dtype))
     data = batches()
     times = []
     for it in range(warmup_iters + iters):
@@ -80,21 +96,27 @@ def plain(shape, accumulation):
 
 def deepspeed_run(shape, stage, ranks, accumulation, workdir, extra=()):
     """train_deepspeed.py on `ranks` ranks; the median of its logged per-iter times after warmup."""
-    cfg = jsonlib.load(open(os.path.join(HERE, 'ds_config_zero2.json' if stage < 3 else 'ds_config_zero3.json')))
+    config_name = 'ds_config_zero2.json' if stage < 3 else 'ds_config_zero3.json'
+    cfg = jsonlib.load(open(os.path.join(HERE, config_name)))
     cfg['zero_optimization'] = {**cfg.get('zero_optimization', {}), 'stage': stage} if stage else {'stage': 0}
     config_path = os.path.join(workdir, f'zero{stage}.json')
     jsonlib.dump(cfg, open(config_path, 'w'))
     out = os.path.join(workdir, f'out-{stage}-{ranks}-{len(extra)}')
-    cmd = [os.path.join(os.path.dirname(sys.executable), 'deepspeed'), '--num_gpus', str(ranks), 'train_deepspeed.py',
-           '--init_from=scratch', f'--n_layer={shape.n_layer}', f'--n_head={shape.n_head}', f'--n_embd={shape.n_embd}',
-           f'--block_size={shape.block_size}', f'--batch_size={batch_size}', f'--gradient_accumulation_steps={accumulation}',
-           f'--dataset={dataset}', f'--dtype={dtype}', f'--deepspeed_config={config_path}', f'--out_dir={out}',
-           f'--max_iters={warmup_iters + iters}', f'--eval_interval={10 ** 9}', '--eval_iters=1', '--log_interval=1',
-           '--warmup_iters=0', '--progress=False', f'--peak_flops={peak}', *extra]
+    deepspeed = os.path.join(os.path.dirname(sys.executable), 'deepspeed')
+    cmd = [deepspeed, '--num_gpus', str(ranks), 'train_deepspeed.py', '--init_from=scratch',
+           f'--n_layer={shape.n_layer}', f'--n_head={shape.n_head}', f'--n_embd={shape.n_embd}',
+           f'--block_size={shape.block_size}', f'--batch_size={batch_size}',
+           f'--gradient_accumulation_steps={accumulation}', f'--dataset={dataset}', f'--dtype={dtype}',
+           f'--deepspeed_config={config_path}', f'--out_dir={out}', f'--max_iters={warmup_iters + iters}',
+           f'--eval_interval={10 ** 9}', '--eval_iters=1', '--log_interval=1', '--warmup_iters=0',
+           '--progress=False', f'--peak_flops={peak}', *extra]
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     proc = subprocess.run(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f'error: {" ".join(cmd)} failed:\n{proc.stdout[-3000:]}')
+        # die exits at once (os._exit): the TemporaryDirectory around the rows would not clean up
+        shutil.rmtree(workdir, ignore_errors=True)
+        command = ' '.join(cmd)
+        die(f'{command} failed:\n{proc.stdout[-3000:]}')
     records = [jsonlib.loads(line) for line in open(os.path.join(out, 'metrics.jsonl'))]
     times = [r['dt_ms'] / 1e3 for r in records if 'dt_ms' in r and r['iter'] >= warmup_iters]
     shutil.rmtree(out, ignore_errors=True)  # the checkpoint is not what we came for
@@ -103,7 +125,8 @@ def deepspeed_run(shape, stage, ranks, accumulation, workdir, extra=()):
 
 meta = data_sources.read_meta(os.path.join(data_sources.folder(dataset), 'meta.pkl'))  # or GPT-2's, padded
 vocab_size = meta['vocab_size'] if meta else 50304
-shapes = {'bench': GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)}
+shapes = {'bench': GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                             vocab_size=vocab_size)}
 if gpu_shapes and on_gpu:
     for name in ('gpt2', 'gpt2-xl'):
         L, H, D = PRETRAINED_SHAPES[name]
@@ -119,22 +142,19 @@ else:  # per rank, with the threads a rank gets; the plain loop's MFU uses the w
 rows = []
 with tempfile.TemporaryDirectory() as workdir:
     for label, shape in shapes.items():
-        if global_batch % batch_size:
-            raise SystemExit(f'error: global_batch={global_batch} is not a multiple of batch_size={batch_size}')
         tokens = global_batch * block_size if label == 'bench' else global_batch * shape.block_size
         fpt = flops_per_token(shape)
-        runs = [('plain PyTorch, 1 process', lambda: plain(shape, global_batch // batch_size), 1)]
+        runs = [('plain PyTorch, 1 process', partial(plain, shape, global_batch // batch_size), 1)]
         for ranks in map(int, worlds.split(',')):
-            if global_batch % (batch_size * ranks):
-                raise SystemExit(f'error: global_batch={global_batch} does not split into micro batches of {batch_size} '
-                                 f'over {ranks} ranks')
             accumulation = global_batch // (batch_size * ranks)
             for stage in map(int, stages.split(',')):
-                runs.append((f'DeepSpeed ZeRO-{stage}, {ranks} rank{"s" * (ranks > 1)}',
-                             lambda s=stage, r=ranks, a=accumulation: deepspeed_run(shape, s, r, a, workdir), ranks))
+                plural = 's' if ranks > 1 else ''
+                measure = partial(deepspeed_run, shape, stage, ranks, accumulation, workdir)
+                runs.append((f'DeepSpeed ZeRO-{stage}, {ranks} rank{plural}', measure, ranks))
                 if stage == 2 and ranks == 1:
-                    runs.append(('DeepSpeed ZeRO-2, 1 rank, no phase timers', lambda a=accumulation: deepspeed_run(
-                        shape, 2, 1, a, workdir, ('--time_phases=False',)), 1))
+                    no_timers = ('--time_phases=False',)
+                    measure = partial(deepspeed_run, shape, 2, 1, accumulation, workdir, no_timers)
+                    runs.append(('DeepSpeed ZeRO-2, 1 rank, no phase timers', measure, 1))
         best = [0.0] * len(runs)
         for round_ in range(repeats):
             for i, (name, measure, ranks) in enumerate(runs):
@@ -142,17 +162,18 @@ with tempfile.TemporaryDirectory() as workdir:
                 print(f'round {round_ + 1}/{repeats}: {name}: best so far {best[i]:,.0f} tok/s',
                       file=sys.stderr, flush=True)
         for (name, _, ranks), tps in zip(runs, best):
-            devices = ranks if on_gpu else 1  # MFU over the devices in use; CPU ranks share one machine's peak
-            rows.append(dict(name=f'{label}: {name}' if len(shapes) > 1 else name, tokens_per_s=tps,
-                             mfu=fpt * tps / (devices * peak) if peak else None, ratio_vs_plain=tps / best[0]))
-            print(f"{rows[-1]['name']:<48} {tps:>12,.0f} tok/s  MFU {rows[-1]['mfu'] or 0:6.1%}  "
-                  f"{rows[-1]['ratio_vs_plain']:.3f}x plain", flush=True)
-
+            # MFU over the devices in use; CPU ranks share one machine's peak
+            devices = ranks if on_gpu else 1
+            row = dict(name=f'{label}: {name}' if len(shapes) > 1 else name, tokens_per_s=tps,
+                       mfu=fpt * tps / (devices * peak) if peak else None, ratio_vs_plain=tps / best[0])
+            rows.append(row)
+            print(f"{row['name']:<48} {tps:>12,.0f} tok/s  MFU {row['mfu'] or 0:6.1%}  "
+                  f"{row['ratio_vs_plain']:.3f}x plain", flush=True)
 
 
 def timer_cost_s(marks=20000):
-    """What one PhaseTimer mark costs in the loop: a perf_counter (CPU) or a recorded CUDA event (GPU), kept in a list
-    until the log line reads them (fractions() runs once a log interval and is not counted here)."""
+    """What one PhaseTimer mark costs in the loop: a perf_counter (CPU) or a recorded CUDA event (GPU), kept
+    in a list until the log line reads them (fractions() runs once a log interval and is not counted here)."""
     timer = PhaseTimer(use_events=on_gpu)
     t0 = time.perf_counter()
     for i in range(marks):
@@ -165,14 +186,18 @@ def timer_cost_s(marks=20000):
 
 
 zero2 = next((r for r in rows if r['name'].endswith('ZeRO-2, 1 rank')), None)
-if zero2:  # the trainer marks 'other' and 'data' once an iteration, then data/forward/backward/step per micro step
+# the trainer marks 'other' and 'data' once an iteration, then data/forward/backward/step per micro step
+if zero2:
     accumulation = global_batch // batch_size
     marks, mark_s = 4 * accumulation + 1, timer_cost_s()
     iter_s = global_batch * block_size / zero2['tokens_per_s']
-    print(f'phase timers: {mark_s * 1e6:.2f} us a mark x {marks} marks an iteration = {marks * mark_s * 1e3:.3f} ms, '
+    per_iter_ms = marks * mark_s * 1e3
+    print(f'phase timers: {mark_s * 1e6:.2f} us a mark x {marks} marks an iteration = {per_iter_ms:.3f} ms, '
           f'{marks * mark_s / iter_s:.4%} of the ZeRO-2 1-rank iteration ({iter_s * 1e3:.0f} ms)')
-print(f'\n{len(rows)} rows; {dtype}; micro batch {batch_size}, {global_batch} sequences of {block_size} per step; '
-      f'median of {iters} iters after {warmup_iters}, best of {repeats} rounds; peak: {peak / 1e12:.3g} TFLOP/s ({peak_note})')
+print(f'\n{len(rows)} rows; {dtype}; micro batch {batch_size}, '
+      f'{global_batch} sequences of {block_size} per step; '
+      f'median of {iters} iters after {warmup_iters}, best of {repeats} rounds; '
+      f'peak: {peak / 1e12:.3g} TFLOP/s ({peak_note})')
 if json:
     with open(json, 'w') as f:
         jsonlib.dump(rows, f, indent=1)
