@@ -98,13 +98,21 @@ def mfu(flops_per_s, world_size, peak_flops):
 
 
 def log_line(r):
-    """Rank 0's line for a metrics record."""
+    """Rank 0's line for a metrics record: the figures it holds, comma-separated."""
+    parts = [f"iter {r['iter']}: loss {r['loss']:.4f}", f"lr {r['lr']:.3e}", f"time {r['dt_ms']:.2f}ms",
+             f"{r['tokens_per_s']:,.0f} tok/s"]
+    if 'mfu' in r:
+        parts.append(f"MFU {r['mfu'] * 100:.1f}%")
     shares = [f"{p} {r[p + '_frac'] * 100:.0f}%" for p in PHASES if p + '_frac' in r]
-    return (f"iter {r['iter']}: loss {r['loss']:.4f}, lr {r['lr']:.3e}, time {r['dt_ms']:.2f}ms, {r['tokens_per_s']:,.0f} tok/s"
-            + (f", MFU {r['mfu'] * 100:.1f}%" if 'mfu' in r else '') + (f" ({' '.join(shares)})" if shares else '')
-            + (f", GPU {r['gpu_alloc_mb'] / 1024:.1f}/{r['gpu_reserved_mb'] / 1024:.1f} GB" if 'gpu_alloc_mb' in r else '')
-            + f", RSS {r['rss_mb'] / 1024:.2f} GB"
-            + (f", loss scale {r['loss_scale']:g} ({r['skipped_steps']} skipped)" if 'loss_scale' in r else ''))
+    if shares:  # where the time went, in brackets after the speed it explains
+        phases = ' '.join(shares)
+        parts[-1] += f' ({phases})'
+    if 'gpu_alloc_mb' in r:
+        parts.append(f"GPU {r['gpu_alloc_mb'] / 1024:.1f}/{r['gpu_reserved_mb'] / 1024:.1f} GB")
+    parts.append(f"RSS {r['rss_mb'] / 1024:.2f} GB")
+    if 'loss_scale' in r:
+        parts.append(f"loss scale {r['loss_scale']:g} ({r['skipped_steps']} skipped)")
+    return ', '.join(parts)
 
 
 class PhaseTimer:
@@ -136,14 +144,16 @@ class PhaseTimer:
             self.marks[-1][1].synchronize()
         totals = {}
         for (_, t0), (phase, t1) in zip(self.marks, self.marks[1:]):
-            totals[phase] = totals.get(phase, 0.0) + (t0.elapsed_time(t1) / 1e3 if self.use_events else t1 - t0)
+            seconds = t0.elapsed_time(t1) / 1e3 if self.use_events else t1 - t0
+            totals[phase] = totals.get(phase, 0.0) + seconds
         self.marks = self.marks[-1:]
         total = sum(totals.values()) or 1.0
         return {phase: t / total for phase, t in totals.items()}
 
 
 def memory_mb(on_gpu):
-    """This rank's memory: GPU peak allocated and reserved (MB) and the process's resident set (current and peak)."""
+    """This rank's memory: GPU peak allocated and reserved (MB) and the process's resident set (current and
+    peak)."""
     rss = psutil.Process().memory_info().rss
     peak_rss = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
     gpu = {'gpu_alloc_mb': torch.cuda.max_memory_allocated() / 2**20,
@@ -151,9 +161,9 @@ def memory_mb(on_gpu):
     return {**gpu, 'rss_mb': rss / 2**20, 'peak_rss_mb': peak_rss / 2**20}
 
 
-
 def write_run_json(out_dir, info):
-    """out_dir/run.json: what this start ran with, and on what. A resumed run keeps the earlier ones as run.<n>.json."""
+    """out_dir/run.json: what this start ran with, and on what. A resumed run keeps the earlier ones as
+    run.<n>.json."""
     versions = {'python': sys.version.split()[0]}
     for package in ('torch', 'deepspeed', 'transformers', 'numpy'):
         try:
@@ -161,7 +171,10 @@ def write_run_json(out_dir, info):
         except PackageNotFoundError:
             versions[package] = None
     here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *args: subprocess.run(['git', '-C', here, *args], capture_output=True, text=True).stdout.strip()
+
+    def git(*args):
+        return subprocess.run(['git', '-C', here, *args], capture_output=True, text=True).stdout.strip()
+
     try:
         commit = git('rev-parse', 'HEAD') or None
         dirty = bool(git('status', '--porcelain', '--untracked-files=no')) if commit else None
@@ -179,8 +192,8 @@ def write_run_json(out_dir, info):
 
 
 class MetricsLog:
-    """log(record): a line of out_dir/metrics.jsonl, and the same figures to wandb (project given) and tensorboard,
-    with the iter as their step. Rank 0 writes; on the other ranks it does nothing."""
+    """log(record): a line of out_dir/metrics.jsonl, and the same figures to wandb (project given) and
+    tensorboard, with the iter as their step. Rank 0 writes; on the other ranks it does nothing."""
 
     def __init__(self, out_dir, config, wandb_project, wandb_run_name, tensorboard_log, wandb_run_id, active):
         self.path, self.wandb_run, self.tb_writer = os.path.join(out_dir, 'metrics.jsonl'), None, None

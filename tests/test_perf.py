@@ -8,7 +8,8 @@ from perf import PhaseTimer, gpu_peak_flops, log_line
 @pytest.mark.parametrize('name,dtype,tflops', [
     ('Tesla V100-SXM2-32GB', 'float16', 125), ('Tesla V100-PCIE-32GB', 'bfloat16', None),
     ('NVIDIA A100-SXM4-80GB', 'bfloat16', 312), ('NVIDIA A100-PCIE-40GB', 'float32', 156),
-    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989), ('NVIDIA H100 PCIe', 'bfloat16', 756), ('NVIDIA H200', 'float16', 989),
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989), ('NVIDIA H100 PCIe', 'bfloat16', 756),
+    ('NVIDIA H200', 'float16', 989),
     ('NVIDIA A10', 'bfloat16', 125), ('NVIDIA A10G', 'bfloat16', None), ('NVIDIA L4', 'float16', 121),
     ('NVIDIA L40S', 'bfloat16', None), ('NVIDIA GeForce RTX 4090', 'bfloat16', 165),
     ('NVIDIA GeForce RTX 3090', 'float16', 71), ('Some Future GPU', 'bfloat16', None)])
@@ -23,7 +24,8 @@ def test_phase_timer_shares_add_up_and_restart_forgets(monkeypatch):
     monkeypatch.setattr(perf.time, 'perf_counter', lambda: now[0])
     timer = PhaseTimer(use_events=False)
     timer.restart()
-    for phase, seconds in (('data', 0.05), ('forward', 0.05), ('backward', 0.1), ('data', 0.05), ('step', 0.25)):
+    steps = (('data', 0.05), ('forward', 0.05), ('backward', 0.1), ('data', 0.05), ('step', 0.25))
+    for phase, seconds in steps:
         now[0] += seconds
         timer.mark(phase)
     assert timer.fractions() == pytest.approx({'data': 0.2, 'forward': 0.1, 'backward': 0.2, 'step': 0.5})
@@ -42,8 +44,9 @@ def test_log_line_shows_what_the_record_has():
     assert log_line(r) == 'iter 7: loss 2.5000, lr 1.000e-03, time 100.00ms, 20,480 tok/s, RSS 2.00 GB'
     r.update(mfu=0.412, gpu_alloc_mb=15360.0, gpu_reserved_mb=16384.0, loss_scale=65536.0, skipped_steps=2,
              data_frac=0.01, forward_frac=0.3, backward_frac=0.6, step_frac=0.09)
-    assert log_line(r) == ('iter 7: loss 2.5000, lr 1.000e-03, time 100.00ms, 20,480 tok/s, MFU 41.2% (data 1% forward '
-                           '30% backward 60% step 9%), GPU 15.0/16.0 GB, RSS 2.00 GB, loss scale 65536 (2 skipped)')
+    assert log_line(r) == ('iter 7: loss 2.5000, lr 1.000e-03, time 100.00ms, 20,480 tok/s, MFU 41.2% '
+                           '(data 1% forward 30% backward 60% step 9%), GPU 15.0/16.0 GB, RSS 2.00 GB, '
+                           'loss scale 65536 (2 skipped)')
 
 
 def test_mfu_above_100_percent_is_never_shown():
