@@ -134,7 +134,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         b, t = idx.size()
-        assert t <= self.config.block_size, f'sequence of {t} tokens, block_size is only {self.config.block_size}'
+        block_size = self.config.block_size
+        assert t <= block_size, f'sequence of {t} tokens, block_size is only {block_size}'
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
@@ -151,9 +152,6 @@ class GPT(nn.Module):
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
-    def flops_per_token(self):
-        return flops_per_token(self.config, self.get_num_params(non_embedding=True))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -175,20 +173,24 @@ class GPT(nn.Module):
         transformers' save_pretrained. Only dropout may be overridden: the shape is the checkpoint's
         (crop_block_size shortens the context afterwards)."""
         override_args = override_args or {}
-        if set(override_args) - {'dropout'}:
+        refused = sorted(set(override_args) - {'dropout'})
+        if refused:
             raise ValueError(f'{name_or_dir}: only dropout can be overridden on a pretrained model, not '
-                             f"{', '.join(sorted(set(override_args) - {'dropout'}))}: its shape is the checkpoint's")
+                             f"{', '.join(refused)}: its shape is the checkpoint's")
         from transformers import GPT2LMHeadModel
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         c = hf.config
         act = getattr(c, 'activation_function', 'gelu_new')
         if act not in ('gelu_new', 'gelu_pytorch_tanh'):
-            raise ValueError(f"{name_or_dir}: activation_function={act!r}, this model implements GPT-2's tanh GELU only")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, bias=True, dropout=override_args.get('dropout', 0.0))
+            raise ValueError(f'{name_or_dir}: activation_function={act!r}, '
+                             f"this model implements GPT-2's tanh GELU only")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, bias=True,
+                           dropout=override_args.get('dropout', 0.0))
         model = cls(config)
         sd = model.state_dict()
-        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        buffers = ('.attn.bias', '.attn.masked_bias')  # transformers' attention masks, not weights
+        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith(buffers)}
         missing = set(sd) - set(sd_hf)
         if missing:
             raise ValueError(f'{name_or_dir}: checkpoint lacks {sorted(missing)[:5]}')
@@ -233,17 +235,17 @@ def num_params(config, non_embedding=False):
     return n if non_embedding else n + T * d
 
 
-def flops_per_token(config, n_params_non_embedding=None):
+def flops_per_token(config):
     """Training FLOPs per token, forward and backward: 6N for the matmuls with the weights, plus
     12*L*H*Q*T for attention's scores and weighted sum (PaLM paper, appendix B)."""
-    N = n_params_non_embedding if n_params_non_embedding is not None else num_params(config, non_embedding=True)
+    N = num_params(config, non_embedding=True)
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
     return 6 * N + 12 * L * H * Q * T
 
 
 def pretrained_config(name_or_dir):
-    """The shape of a pretrained GPT-2 without its weights (the dry run plans with it): OpenAI's from the table,
-    a transformers folder's from its config.json."""
+    """The shape of a pretrained GPT-2 without its weights (the dry run plans with it): OpenAI's from the
+    table, a transformers folder's from its config.json."""
     if name_or_dir in PRETRAINED_SHAPES:
         n_layer, n_head, n_embd = PRETRAINED_SHAPES[name_or_dir]
         return GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)

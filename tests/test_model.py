@@ -83,7 +83,7 @@ def test_weight_decay_groups():
 def test_from_pretrained_matches_transformers(tmp_path, n_layer, n_head, n_embd, n_positions):
     hf = tiny_hf(tmp_path, n_layer, n_head, n_embd, n_positions)
     ours = GPT.from_pretrained(str(tmp_path)).eval()
-    assert ours.config.block_size == n_positions and ours.config.vocab_size == 97 and ours.config.n_head == n_head
+    assert (ours.config.block_size, ours.config.vocab_size, ours.config.n_head) == (n_positions, 97, n_head)
     assert ours.lm_head.weight is ours.transformer.wte.weight
     idx = torch.randint(0, 97, (2, n_positions))
     with torch.no_grad():
@@ -102,13 +102,15 @@ def test_from_pretrained_overrides(tmp_path):
     tiny_hf(tmp_path)
     model = GPT.from_pretrained(str(tmp_path), dict(dropout=0.2))
     assert model.config.dropout == 0.2 and model.transformer.drop.p == 0.2
-    with pytest.raises(ValueError, match='only dropout can be overridden on a pretrained model, not bias, n_layer'):
+    refused = 'only dropout can be overridden on a pretrained model, not bias, n_layer'
+    with pytest.raises(ValueError, match=refused):
         GPT.from_pretrained(str(tmp_path), dict(n_layer=4, bias=False))
 
 
 @pytest.mark.parametrize('bias', [True, False])
 def test_hf_state_dict_loads_into_transformers(bias):
-    """hf_state_dict is from_pretrained's inverse; a bias=False model gets zero biases and computes the same."""
+    """hf_state_dict is from_pretrained's inverse; a bias=False model gets zero biases and computes the
+    same."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, bias=bias)).eval()
