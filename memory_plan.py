@@ -1,12 +1,12 @@
 """
 What fits on each GPU: a per-GPU memory plan for ZeRO 0/1/2/3, with and without CPU offload, for a GPT-2
-shape from model.py. Arithmetic only (no GPU, no process group), so train_deepspeed.py's dry run can print it.
-Three parts, added as if they peaked together, which they nearly do at the start of backward:
+shape from model.py. Arithmetic only (no GPU, no process group), so train_deepspeed.py's dry run can print
+it. Three parts, added as if they peaked together, which they nearly do at the start of backward:
   model states  16-bit (or fp32) weights and gradients, fp32 master weights, Adam's m and v
   activations   what autograd keeps for backward for one micro batch
   buffers       ZeRO's communication buckets, sized by the JSON's zero_optimization block
-Not counted, so leave a margin: the CUDA context and NCCL's workspaces (some hundreds of MB, driver-dependent),
-the caching allocator's fragmentation, and the token ids (about 16 bytes a token).
+Not counted, so leave a margin: the CUDA context and NCCL's workspaces (some hundreds of MB,
+driver-dependent), the caching allocator's fragmentation, and the token ids (about 16 bytes a token).
 """
 import torch
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -17,16 +17,21 @@ from ds_setup import bf16_speedup, choose_dtype, die
 from model import GPT, GPTConfig, is_pretrained_source, num_params, pretrained_config
 from perf import memory_mb
 
-DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}  # bytes per element of weights, gradients, activations
+# bytes per element of weights, gradients, activations
+DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 FP32_BYTES = 4
 ADAM_BYTES = 8  # Adam's m and v per parameter, both fp32
-STAGE0_ALLREDUCE_ELEMENTS = 500_000_000  # engine.py MEMORY_OPT_ALLREDUCE_SIZE: ZeRO-0's gradient all-reduce buffer
-GIB = 2 ** 30  # tables print GiB, the unit of nvidia-smi and torch.cuda.mem_get_info (a "32GB" V100 has 32 GiB)
-OFFLOADS = ('none', 'optimizer', 'optimizer+params')  # offload_optimizer: ZeRO 1-3; offload_param too: ZeRO-3 only
+# engine.py MEMORY_OPT_ALLREDUCE_SIZE: ZeRO-0's gradient all-reduce buffer
+STAGE0_ALLREDUCE_ELEMENTS = 500_000_000
+# tables print GiB, the unit of nvidia-smi and torch.cuda.mem_get_info (a "32GB" V100 has 32 GiB)
+GIB = 2 ** 30
+# offload_optimizer: ZeRO 1-3; offload_param too: ZeRO-3 only
+OFFLOADS = ('none', 'optimizer', 'optimizer+params')
 
 
 def largest_layer_params(config):
-    """The most parameters one module owns (what ZeRO-3 gathers at once): wte (tied with lm_head), wpe or c_fc."""
+    """The most parameters one module owns (what ZeRO-3 gathers at once): wte (tied with lm_head), wpe or
+    c_fc."""
     d = config.n_embd
     return max(config.vocab_size * d, config.block_size * d, 4 * d * d + 4 * d * config.bias)
 
@@ -35,24 +40,29 @@ def _check(stage, offload):
     if stage not in (0, 1, 2, 3) or offload not in OFFLOADS:
         raise ValueError(f'stage {stage!r}, offload {offload!r}: stages are 0-3, offloads {OFFLOADS}')
     if (stage == 0 and offload != 'none') or (stage < 3 and offload == 'optimizer+params'):
-        raise ValueError(f'ZeRO-{stage} has no {offload} offload: optimizer offload needs 1-3, param offload 3')
+        raise ValueError(f'ZeRO-{stage} has no {offload} offload: '
+                         'optimizer offload needs 1-3, param offload 3')
 
 
 def _model_states_by_hand(n, largest, stage, world_size, offload, dtype):
     """(GPU bytes, CPU bytes) per rank in the categories of DeepSpeed's estimators (stage_1_and_2.py: '18 =
-    2_grads_16bit + 4_grads_32bit + 4_params_32bit + 8_optimizer_states_32bit'), for the cases they don't cover."""
+    2_grads_16bit + 4_grads_32bit + 4_params_32bit + 8_optimizer_states_32bit'), for the cases they don't
+    cover."""
     w = DTYPE_BYTES[dtype]
     shard = world_size if stage else 1  # ZeRO-1 and up split the optimizer's share over the ranks
     # the fp32 master copy: 16-bit training always keeps one; in fp32, ZeRO-1/2 still clone their partition
     # (stage_1_and_2.py, weights_partition = ...clone()); ZeRO-3 steps its fp32 shard in place unless it is
-    # offloaded (stage3.py clones it to the CPU); without ZeRO the torch optimizer steps the weights themselves
+    # offloaded (stage3.py clones it to the CPU); without ZeRO the torch optimizer steps the weights
+    # themselves
     master = 0 if w == FP32_BYTES and (stage == 0 or (stage == 3 and offload == 'none')) else FP32_BYTES
-    fp32_grad = FP32_BYTES if w == 2 else 0  # 16-bit training hands the optimizer an fp32 copy of the gradient
-    weights = (w * n / world_size + 2 * w * largest) if stage == 3 else w * n  # ZeRO-3: a shard + the layer in use
+    # 16-bit training hands the optimizer an fp32 copy of the gradient
+    fp32_grad = FP32_BYTES if w == 2 else 0
+    # ZeRO-3: a shard + the layer in use
+    weights = (w * n / world_size + 2 * w * largest) if stage == 3 else w * n
     grads = w * n / (world_size if stage >= 2 else 1)
     if offload == 'none':
         gpu, cpu = weights + grads + (fp32_grad + master + ADAM_BYTES) * n / shard, 0
-    else:  # the optimizer steps on the CPU with an fp32 gradient; ZeRO-1 still accumulates whole grads on the GPU
+    else:  # the optimizer steps on the CPU with an fp32 gradient; ZeRO-1 still accumulates whole grads on GPU
         gpu, cpu = weights + (grads if stage == 1 else 0), (FP32_BYTES + master + ADAM_BYTES) * n / world_size
     if offload == 'optimizer+params':
         gpu, cpu = gpu - w * n / world_size, cpu + w * n / world_size
@@ -62,59 +72,67 @@ def _model_states_by_hand(n, largest, stage, world_size, offload, dtype):
 
 
 def model_states_bytes(n_params, largest_layer_params, stage, world_size, offload='none', dtype='bfloat16'):
-    """(GPU bytes, CPU bytes) of model states per rank. 16-bit ZeRO-2/3 come from DeepSpeed's own estimators, which
-    assume 16-bit training; fp32 and ZeRO-0/1 (no estimator) are counted by hand in the same categories."""
+    """(GPU bytes, CPU bytes) of model states per rank. 16-bit ZeRO-2/3 come from DeepSpeed's own estimators,
+    which assume 16-bit training; fp32 and ZeRO-0/1 (no estimator) are counted by hand in the same
+    categories."""
     _check(stage, offload)
     if DTYPE_BYTES[dtype] == FP32_BYTES or stage < 2:
         return _model_states_by_hand(n_params, largest_layer_params, stage, world_size, offload, dtype)
-    # additional_buffer_factor=1.0: buffers are counted by buffer_bytes; the factor only scales the CPU figure anyway.
-    # The estimators return CPU RAM per node; we ask for one node of world_size GPUs and divide. GPU bytes depend on
-    # the total of GPUs only, and the per-rank CPU share comes out the same on several nodes.
+    # additional_buffer_factor=1.0: buffers are counted by buffer_bytes; the factor only scales the CPU figure
+    # anyway. The estimators return CPU RAM per node; we ask for one node of world_size GPUs and divide. GPU
+    # bytes depend on the total of GPUs only, and the per-rank CPU share comes out the same on several nodes.
     if stage == 2:
         cpu, gpu = estimate_zero2_model_states_mem_needs(n_params, world_size, 1, offload != 'none', 1.0)
     else:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(n_params, largest_layer_params, world_size, 1,
                                                             offload != 'none', offload == 'optimizer+params',
                                                             False, 1.0)  # zero_init=False: see above
-        if offload == 'none':  # stage3.py's grad_partitions_flat_buffer, 16-bit on the GPU: the estimator omits it
+        # stage3.py's grad_partitions_flat_buffer, 16-bit on the GPU: the estimator omits it
+        if offload == 'none':
             gpu += 2 * n_params // world_size
     return gpu, cpu // world_size
 
 
 def activation_bytes(config, micro_batch, dtype='bfloat16', fused_attention=True):
-    """Bytes autograd holds at the start of backward for one micro batch. Korthikanti et al. 2022 (sbh(34 + 5as/h)
-    bytes in 16-bit a layer, dropout masks included) recounted for model.py, which a test checks against autograd's
-    saved tensors. fused_attention: SDPA's flash / memory-efficient kernels (what a GPU runs in fp16, bf16 and fp32)
-    keep q, k, v, the output and a log-sum-exp, never the T x T matrix; False is the math path, which keeps it."""
+    """Bytes autograd holds at the start of backward for one micro batch. Korthikanti et al. 2022
+    (sbh(34 + 5as/h) bytes in 16-bit a layer, dropout masks included) recounted for model.py, which a test
+    checks against autograd's saved tensors. fused_attention: SDPA's flash / memory-efficient kernels (what a
+    GPU runs in fp16, bf16 and fp32) keep q, k, v, the output and a log-sum-exp, never the T x T matrix; False
+    is the math path, which keeps it."""
     w, b, s, h, a = DTYPE_BYTES[dtype], micro_batch, config.block_size, config.n_embd, config.n_head
     sbh, tokens, dropout = s * b * h, s * b, config.dropout > 0
-    # a Block keeps 16 sbh elements: ln_1 and ln_2 inputs 2, c_attn input 1, q k v 3 (views of c_attn's output),
-    # SDPA's output 1 (attn.c_proj's input: the transpose().contiguous() of it is a no-op), c_fc input 1, GELU input 4,
-    # mlp.c_proj input 4; plus fp32 stats: the log-sum-exp (a per token) and each LayerNorm's mean and rstd
+    # a Block keeps 16 sbh elements: ln_1 and ln_2 inputs 2, c_attn input 1, q k v 3 (views of c_attn's
+    # output), SDPA's output 1 (attn.c_proj's input: the transpose().contiguous() of it is a no-op), c_fc
+    # input 1, GELU input 4, mlp.c_proj input 4; plus fp32 stats: the log-sum-exp (a per token) and each
+    # LayerNorm's mean and rstd
     layer = 16 * sbh * w + FP32_BYTES * (a + 2 * 2) * tokens
-    if not fused_attention:  # the softmax output a*s*s*b, and with dropout its 1-byte mask and the dropped copy
+    # the softmax output a*s*s*b, and with dropout its 1-byte mask and the dropped copy
+    if not fused_attention:
         layer += a * s * tokens * (w + (1 + w if dropout else 0))
     if dropout:  # 1-byte masks of resid_dropout and mlp.dropout (a GPU's fused dropout keeps bool masks)
         layer += 2 * sbh
-    total = config.n_layer * layer + 2 * sbh * w + 2 * FP32_BYTES * tokens  # + ln_f's input and output and stats
+    ln_f = 2 * sbh * w + 2 * FP32_BYTES * tokens  # ln_f's input and output and stats
+    total = config.n_layer * layer + ln_f
     total += sbh if dropout else 0  # the embedding dropout's mask
-    # the logits: the compute-dtype lm_head output the training loop holds, the fp32 log-softmax cross-entropy keeps,
-    # and at the start of backward the two fp32 gradients log_softmax's backward has at once
+    # the logits: the compute-dtype lm_head output the training loop holds, the fp32 log-softmax
+    # cross-entropy keeps, and at the start of backward the two fp32 gradients log_softmax's backward has at
+    # once
     return total + tokens * config.vocab_size * (w + 3 * FP32_BYTES)
 
 
 def buffer_bytes(ds_zero_config, stage, dtype, n_params, resident=False):
-    """The allowance for ZeRO's buckets, in the compute dtype. ds_zero_config: the JSON's zero_optimization block
-    (or the whole JSON); DeepSpeed's own config class fills in its defaults (buckets 5e8 elements; overlap_comm on
-    for ZeRO-3 only) and the stage we ask about replaces the JSON's. resident: only what gets written, a bucket
-    never holding more than the model's gradients (the resident set of a CPU rank; a GPU allocates it all)."""
+    """The allowance for ZeRO's buckets, in the compute dtype. ds_zero_config: the JSON's zero_optimization
+    block (or the whole JSON); DeepSpeed's own config class fills in its defaults (buckets 5e8 elements;
+    overlap_comm on for ZeRO-3 only) and the stage we ask about replaces the JSON's. resident: only what gets
+    written, a bucket never holding more than the model's gradients (the resident set of a CPU rank; a GPU
+    allocates it all)."""
     z = DeepSpeedZeroConfig(**{**ds_zero_config.get('zero_optimization', ds_zero_config), 'stage': stage})
     if stage == 0:  # the engine's all-reduce flattens the gradients into buffers of up to 5e8 elements
         return DTYPE_BYTES[dtype] * min(STAGE0_ALLREDUCE_ELEMENTS, n_params)
-    # ZeRO-1/2 allocate a reduce bucket of reduce_bucket_size elements whatever the model's size, and a second one
-    # with overlap_comm (stage_1_and_2.py setup_buckets); ZeRO-3 one, overlap_comm or not (stage3.py). None without
-    # contiguous_gradients. allgather_bucket_size is a message size, not memory: the updated weights are gathered
-    # in place into the flat 16-bit buffer (runtime/utils.py all_gather_dp_groups).
+    # ZeRO-1/2 allocate a reduce bucket of reduce_bucket_size elements whatever the model's size, and a second
+    # one with overlap_comm (stage_1_and_2.py setup_buckets); ZeRO-3 one, overlap_comm or not (stage3.py).
+    # None without contiguous_gradients. allgather_bucket_size is a message size, not memory: the updated
+    # weights are gathered in place into the flat 16-bit buffer (runtime/utils.py all_gather_dp_groups).
     bucket = min(z.reduce_bucket_size, n_params) if resident else z.reduce_bucket_size
     elements = bucket * (2 if z.overlap_comm and stage < 3 else 1) if z.contiguous_gradients else 0
     if stage == 3:  # parameters gathered ahead of the layer in use, capped by max_live_parameters
@@ -122,8 +140,10 @@ def buffer_bytes(ds_zero_config, stage, dtype, n_params, resident=False):
     return DTYPE_BYTES[dtype] * elements
 
 
-def plan(config, micro_batch, grad_accum, world_size, dtype, ds_zero_config, gpu_mem_bytes=None, resident=False):
-    """One row per (stage, offload) DeepSpeed offers: GiB per GPU and fits (None when gpu_mem_bytes is unknown).
+def plan(config, micro_batch, grad_accum, world_size, dtype, ds_zero_config, gpu_mem_bytes=None,
+         resident=False):
+    """One row per (stage, offload) DeepSpeed offers: GiB per GPU and fits (None when gpu_mem_bytes is
+    unknown).
     grad_accum changes nothing on the GPU (gradients accumulate in place); it is carried for the table."""
     n, largest = num_params(config), largest_layer_params(config)
     act = activation_bytes(config, micro_batch, dtype)
@@ -142,21 +162,26 @@ def plan(config, micro_batch, grad_accum, world_size, dtype, ds_zero_config, gpu
 
 def recommend(config, global_batch, world_size, dtype, ds_zero_config, gpu_mem_bytes):
     """The plan row that fits with micro_batch * grad_accum * world_size == global_batch (sequences per step):
-    no offload before offload (the CPU's Adam is slow), ZeRO 0-2 before 3 (which moves 1.5x the data), then the
-    largest micro batch (fewest micro steps), then the higher of ZeRO 0-2 (the same traffic, more headroom).
-    None when nothing fits."""
+    no offload before offload (the CPU's Adam is slow), ZeRO 0-2 before 3 (which moves 1.5x the data), then
+    the largest micro batch (fewest micro steps), then the higher of ZeRO 0-2 (the same traffic, more
+    headroom). None when nothing fits."""
     if global_batch % world_size:
         raise ValueError(f'a global batch of {global_batch} sequences does not split over {world_size} ranks')
     per_rank = global_batch // world_size
-    rows = [r for m in range(1, per_rank + 1) if per_rank % m == 0
-            for r in plan(config, m, per_rank // m, world_size, dtype, ds_zero_config, gpu_mem_bytes) if r['fits']]
-    return min(rows, key=lambda r: (OFFLOADS.index(r['offload']), r['stage'] == 3, -r['micro_batch'], -r['stage']),
-               default=None)
+    fitting = []
+    for m in range(1, per_rank + 1):
+        if per_rank % m == 0:  # a micro batch that splits the rank's share into whole micro steps
+            rows = plan(config, m, per_rank // m, world_size, dtype, ds_zero_config, gpu_mem_bytes)
+            fitting += [r for r in rows if r['fits']]
+
+    def preference(r):  # the order of the docstring, lowest first
+        return OFFLOADS.index(r['offload']), r['stage'] == 3, -r['micro_batch'], -r['stage']
+    return min(fitting, key=preference, default=None)
 
 
 def format_plan(rows, title=''):
-    """A plain-text table per GPU, one decimal, in GiB (MiB when every total is under 1 GiB, as for the CPU demo);
-    CPU is each rank's share of the node's RAM."""
+    """A plain-text table per GPU, one decimal, in GiB (MiB when every total is under 1 GiB, as for the CPU
+    demo); CPU is each rank's share of the node's RAM."""
     unit, scale = ('GiB', 1) if max(r['total_gib'] for r in rows) >= 1 else ('MiB', 1024)
     head = f"{'ZeRO':>4}  {'offload':<16} {'micro x GA':>10} {'states':>8} {'activ.':>8} {'buffers':>8} " \
            f"{'total':>8} {'CPU/rank':>8}  fits"
@@ -167,38 +192,46 @@ def format_plan(rows, title=''):
         steps = f"{r['micro_batch']} x {r['grad_accum']}"
         fits = {None: '?', True: 'yes', False: 'NO'}[r['fits']]
         lines.append(f"{r['stage']:>4}  {r['offload']:<16} {steps:>10} {sizes}  {fits}")
-    lines.append(f'{unit} per GPU; not counted: CUDA context, NCCL workspaces, allocator fragmentation: leave a margin')
+    lines.append(f'{unit} per GPU; not counted: CUDA context, NCCL workspaces, allocator fragmentation: '
+                 'leave a margin')
     return '\n'.join(lines)
 
 
-# What a CPU rank adds beyond its imports and the plan's tensors once it trains: the process group, the DeepSpeed
-# engine's own buffers, the kernels' scratch and the allocator's cache. Measured on the CPU demo (2 ranks, ZeRO-2):
-# 0.08 GiB on a Xeon without AMX, 0.12-0.17 GiB on one with AMX (oneDNN's kernels differ); a rough constant, as
-# "leave a margin" is on GPU.
+# What a CPU rank adds beyond its imports and the plan's tensors once it trains: the process group, the
+# DeepSpeed engine's own buffers, the kernels' scratch and the allocator's cache. Measured on the CPU demo
+# (2 ranks, ZeRO-2): 0.08 GiB on a Xeon without AMX, 0.12-0.17 GiB on one with AMX (oneDNN's kernels
+# differ); a rough constant, as "leave a margin" is on GPU.
 ENGINE_RESIDENT_GIB = 0.12
 
 
-def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage, config_path, gpu_mem_bytes=None,
-           cpu_runtime_gib=None):
+def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage, config_path,
+           gpu_mem_bytes=None, cpu_runtime_gib=None):
     """The dry run's text: the table, a recommendation when the GPU's size is known, and for a run on this
     machine's CPU ranks (cpu_runtime_gib: what a rank holds before any model) the resident memory per rank."""
     lines = [format_plan(plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, gpu_mem_bytes))]
     global_batch = micro_batch * grad_accum * world_size
     if gpu_mem_bytes:
         best = recommend(config, global_batch, world_size, dtype, ds_config, gpu_mem_bytes)
-        advice = 'nothing fits: more GPUs, a shorter block_size or a smaller model' if best is None else (
-            f"ZeRO-{best['stage']}" + (f" with {best['offload']} offload" if best['offload'] != 'none' else '')
-            + (f' (zero_optimization in {config_path} says {stage})' if best['stage'] != stage else '')
-            + f" --batch_size={best['micro_batch']} --gradient_accumulation_steps={best['grad_accum']} "
-              f"({best['total_gib']:.1f} GiB)")
-        lines.append(f'recommended for {gpu_mem_bytes / GIB:.1f} GiB per GPU and {global_batch} sequences per step: {advice}')
+        if best is None:
+            advice = 'nothing fits: more GPUs, a shorter block_size or a smaller model'
+        else:
+            advice = f"ZeRO-{best['stage']}"
+            if best['offload'] != 'none':
+                advice += f" with {best['offload']} offload"
+            if best['stage'] != stage:
+                advice += f' (zero_optimization in {config_path} says {stage})'
+            advice += f" --batch_size={best['micro_batch']}"
+            advice += f" --gradient_accumulation_steps={best['grad_accum']}"
+            advice += f" ({best['total_gib']:.1f} GiB)"
+        lines.append(f'recommended for {gpu_mem_bytes / GIB:.1f} GiB per GPU and {global_batch} sequences '
+                     f'per step: {advice}')
     if cpu_runtime_gib is not None:  # CPU ranks write only what their buckets hold: count them that far
-        own = next(r for r in plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, resident=True)
-                   if r['stage'] == stage and r['offload'] == 'none')
+        rows = plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, resident=True)
+        own = next(r for r in rows if r['stage'] == stage and r['offload'] == 'none')
         total_gib = cpu_runtime_gib + ENGINE_RESIDENT_GIB + own['total_gib']
-        lines.append(f"CPU ranks here: about {total_gib:.2f} GiB resident per rank ({cpu_runtime_gib:.2f} runtime + "
-                     f"{ENGINE_RESIDENT_GIB:.2f} engine + {own['total_gib']:.2f} ZeRO-{stage} plan, buckets counted "
-                     f'as far as they fill)')
+        lines.append(f'CPU ranks here: about {total_gib:.2f} GiB resident per rank '
+                     f'({cpu_runtime_gib:.2f} runtime + {ENGINE_RESIDENT_GIB:.2f} engine + '
+                     f"{own['total_gib']:.2f} ZeRO-{stage} plan, buckets counted as far as they fill)")
     return '\n'.join(lines)
 
 

@@ -1,4 +1,5 @@
-"""memory_plan.py: pure arithmetic, checked against hand sums, DeepSpeed's estimators and autograd's saved tensors."""
+"""memory_plan.py: pure arithmetic, checked against hand sums, DeepSpeed's estimators and autograd's saved
+tensors."""
 import json
 import os
 
@@ -12,7 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, H, D = PRETRAINED_SHAPES['gpt2-xl']
 XL = GPTConfig(n_layer=L, n_head=H, n_embd=D, vocab_size=50257, block_size=1024)
 N_XL, LARGEST_XL = num_params(XL), mp.largest_layer_params(XL)
-DEMO = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=84)  # config/train_shakespeare_char_cpu.py
+# config/train_shakespeare_char_cpu.py
+DEMO = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=84)
 
 
 def zero_block(name):
@@ -57,14 +59,16 @@ def test_offload_where_deepspeed_has_none_is_refused():
 
 @pytest.mark.parametrize('world_size', [1, 3, 4, 64])
 def test_hand_count_agrees_with_deepspeeds_estimators(world_size):
-    """The by-hand categories that fp32 and ZeRO-0/1 rely on give DeepSpeed's own 16-bit figures for ZeRO-2/3."""
+    """The by-hand categories that fp32 and ZeRO-0/1 rely on give DeepSpeed's own 16-bit figures for
+    ZeRO-2/3."""
     for stage in (2, 3):
         for offload in mp.OFFLOADS[:2 + (stage == 3)]:
             by_hand = mp._model_states_by_hand(N_XL, LARGEST_XL, stage, world_size, offload, 'float16')
             assert mp.model_states_bytes(N_XL, LARGEST_XL, stage, world_size, offload, 'float16') == \
                 pytest.approx(by_hand, abs=8)  # bytes: the two round differently
     # on one GPU ZeRO shards nothing: stages 0, 1 and 2 hold the same 20 bytes a parameter
-    assert {mp.model_states_bytes(N_XL, LARGEST_XL, s, 1, 'none', 'bfloat16')[0] for s in (0, 1, 2)} == {20 * N_XL}
+    one_gpu = {mp.model_states_bytes(N_XL, LARGEST_XL, s, 1, 'none', 'bfloat16')[0] for s in (0, 1, 2)}
+    assert one_gpu == {20 * N_XL}
 
 
 def test_zero2_gpt2_xl_on_4_gpus_by_hand():
@@ -74,7 +78,8 @@ def test_zero2_gpt2_xl_on_4_gpus_by_hand():
     assert gpu == pytest.approx(2 * 1.5576e9 + 18 * 1.5576e9 / 4, rel=0.01)  # 10.1 GB
     assert cpu == 4 * N_XL  # each rank builds the fp32 model before deepspeed.initialize
     gpu32, _ = mp.model_states_bytes(N_XL, LARGEST_XL, 2, 4, 'none', 'float32')
-    assert gpu32 == pytest.approx(4 * 1.5576e9 + 16 * 1.5576e9 / 4, rel=0.01)  # no 16-bit copies, still a master
+    # no 16-bit copies, still a master
+    assert gpu32 == pytest.approx(4 * 1.5576e9 + 16 * 1.5576e9 / 4, rel=0.01)
 
 
 def test_activations_linear_in_micro_batch_and_dropout_and_math_path_add():
@@ -83,7 +88,8 @@ def test_activations_linear_in_micro_batch_and_dropout_and_math_path_add():
     assert mp.activation_bytes(XL, 1, 'float32') > one
     dropped = GPTConfig(**{**XL.__dict__, 'dropout': 0.1})
     assert mp.activation_bytes(dropped, 1, 'float16') == one + (2 * 48 + 1) * 1024 * 1600  # 1-byte masks
-    attention_matrix = 48 * 25 * 1024 * 1024 * 2  # the math path keeps the T x T softmax of every head and layer
+    # the math path keeps the T x T softmax of every head and layer
+    attention_matrix = 48 * 25 * 1024 * 1024 * 2
     assert mp.activation_bytes(XL, 1, 'float16', fused_attention=False) == one + attention_matrix
 
 
@@ -96,7 +102,8 @@ def test_activations_match_autograds_saved_tensors():
     saved = {}
 
     def pack(t):
-        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:  # not the token ids, by design
+        # not the token ids, by design
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
@@ -105,18 +112,21 @@ def test_activations_match_autograds_saved_tensors():
         model(x, y)
     logits = 2 * 32 * 100
     # + the logits the training loop holds (fp32 here) and log_softmax backward's two fp32 gradients
-    assert sum(saved.values()) + 4 * logits + 8 * logits == pytest.approx(mp.activation_bytes(config, 2, 'float32'),
-                                                                          rel=0.005)
+    planned = mp.activation_bytes(config, 2, 'float32')
+    assert sum(saved.values()) + 4 * logits + 8 * logits == pytest.approx(planned, rel=0.005)
 
 
 def test_buffers_from_the_json():
     z2, z3 = zero_block('ds_config_zero2.json'), zero_block('ds_config_zero3.json')
-    assert mp.buffer_bytes(z2, 2, 'float16', N_XL) == 2 * 200_000_000 * 2  # reduce bucket, doubled by overlap_comm
+    # reduce bucket, doubled by overlap_comm
+    assert mp.buffer_bytes(z2, 2, 'float16', N_XL) == 2 * 200_000_000 * 2
     assert mp.buffer_bytes({**z2, 'overlap_comm': False}, 2, 'float16', N_XL) == 200_000_000 * 2
     assert mp.buffer_bytes({'stage': 2}, 2, 'bfloat16', N_XL) == 500_000_000 * 2  # DeepSpeed's defaults
-    assert mp.buffer_bytes(z3, 3, 'bfloat16', N_XL) == (50_000_000 + 50_000_000) * 2  # reduce + prefetch buckets
+    # reduce + prefetch buckets
+    assert mp.buffer_bytes(z3, 3, 'bfloat16', N_XL) == (50_000_000 + 50_000_000) * 2
     assert mp.buffer_bytes({'zero_optimization': z3}, 3, 'float32', N_XL) == (50_000_000 + 50_000_000) * 4
-    assert mp.buffer_bytes(z2, 0, 'float16', 1000) == 2000  # ZeRO-0's all-reduce buffer is no bigger than the model
+    # ZeRO-0's all-reduce buffer is no bigger than the model
+    assert mp.buffer_bytes(z2, 0, 'float16', 1000) == 2000
 
 
 def test_v100_headline_plan_is_plausible():
@@ -125,10 +135,11 @@ def test_v100_headline_plan_is_plausible():
     rows = mp.plan(XL, 1, 32, 4, 'float16', zero_block('ds_config_zero2.json'), 32 * mp.GIB)
     row = next(r for r in rows if (r['stage'], r['offload']) == (2, 'none'))
     assert 12 < row['total_gib'] < 16 and row['fits']
-    assert row['total_gib'] == pytest.approx(row['model_states_gib'] + row['activations_gib'] + row['buffers_gib'])
-    assert [(r['stage'], r['offload']) for r in rows] == [(0, 'none'), (1, 'none'), (1, 'optimizer'), (2, 'none'),
-                                                          (2, 'optimizer'), (3, 'none'), (3, 'optimizer'),
-                                                          (3, 'optimizer+params')]
+    parts = row['model_states_gib'] + row['activations_gib'] + row['buffers_gib']
+    assert row['total_gib'] == pytest.approx(parts)
+    assert [(r['stage'], r['offload']) for r in rows] == [(0, 'none'), (1, 'none'), (1, 'optimizer'),
+                                                          (2, 'none'), (2, 'optimizer'), (3, 'none'),
+                                                          (3, 'optimizer'), (3, 'optimizer+params')]
     assert not rows[0]['fits']  # no ZeRO: 20 bytes a parameter is 29 GiB before any activation
     assert all(r['fits'] is None for r in mp.plan(XL, 1, 32, 4, 'float16', {}))
 
@@ -139,13 +150,17 @@ def test_recommend_keeps_the_global_batch_and_fits(gpu_gib):
     best = mp.recommend(XL, 128, 4, 'float16', z2, gpu_gib * mp.GIB)
     assert best['micro_batch'] * best['grad_accum'] * 4 == 128
     assert best['fits'] and best['total_gib'] <= gpu_gib
-    smallest = mp.plan(XL, 1, 32, 4, 'float16', z2, gpu_gib * mp.GIB)  # micro batch 1: the least activation memory
-    rank = lambda r: (mp.OFFLOADS.index(r['offload']), r['stage'] == 3)  # less offload first, then ZeRO 0-2 over 3
+    # micro batch 1: the least activation memory
+    smallest = mp.plan(XL, 1, 32, 4, 'float16', z2, gpu_gib * mp.GIB)
+
+    def rank(r):  # less offload first, then ZeRO 0-2 over 3
+        return mp.OFFLOADS.index(r['offload']), r['stage'] == 3
     assert not any(r['fits'] for r in smallest if rank(r) < rank(best))
     if best['micro_batch'] < 32:  # and the largest micro batch that fits in that class
         bigger = mp.plan(XL, 2 * best['micro_batch'], 0, 4, 'float16', z2, gpu_gib * mp.GIB)
         assert not any(r['fits'] for r in bigger if rank(r) == rank(best))
-    same = mp.plan(XL, best['micro_batch'], 0, 4, 'float16', z2, gpu_gib * mp.GIB)  # and the highest stage of those
+    # and the highest stage of those
+    same = mp.plan(XL, best['micro_batch'], 0, 4, 'float16', z2, gpu_gib * mp.GIB)
     assert not any(r['fits'] for r in same if rank(r) == rank(best) and r['stage'] > best['stage'])
 
 
