@@ -18,7 +18,8 @@ def _check(key, value, defaults, source, dict_keys=()):
     want = type(defaults[key])
     value = float(value) if want is float and type(value) is int else value
     if type(value) is not want:
-        raise ValueError(f'{source}: {key}={value!r} is {type(value).__name__}, expected {want.__name__} like the default {defaults[key]!r}')
+        raise ValueError(f'{source}: {key}={value!r} is {type(value).__name__}, '
+                         f'expected {want.__name__} like the default {defaults[key]!r}')
     return value
 
 
@@ -50,7 +51,8 @@ def parse_overrides(argv, defaults, dict_keys=()):
 def configure(namespace, argv=None, dict_keys=()):
     """Apply overrides to a script's constants (its int/float/bool/str globals); bad input: one line, exit 2.
     Returns the constants' names and the overrides that were applied."""
-    defaults = {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    defaults = {k: v for k, v in namespace.items()
+                if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
     try:
         overrides = parse_overrides(sys.argv[1:] if argv is None else argv, defaults, dict_keys)
     except ValueError as e:
@@ -60,7 +62,8 @@ def configure(namespace, argv=None, dict_keys=()):
     return list(defaults), overrides
 
 
-if __name__ == '__main__':  # `python configurator.py train_deepspeed.py [args]`: the resolved constants as JSON, nothing run
+# `python configurator.py train_deepspeed.py [args]`: the resolved constants as JSON, nothing run
+if __name__ == '__main__':
     import json
     constants = {}
     for node in ast.parse(open(sys.argv[1]).read()).body:

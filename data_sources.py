@@ -17,8 +17,8 @@ def folder(name):
 
 
 def read_meta(path):
-    """The dict in a meta.pkl: 'vocab_size', and for a character vocabulary 'stoi' and 'itos'. None where there
-    is no such file: the data is GPT-2 BPE."""
+    """The dict in a meta.pkl: 'vocab_size', and for a character vocabulary 'stoi' and 'itos'. None where
+    there is no such file: the data is GPT-2 BPE."""
     if not os.path.isfile(path):
         return None
     with open(path, 'rb') as f:
@@ -46,7 +46,8 @@ def resolve(dataset, block_size):
     for name, vocab in vocabs.items():
         if vocab != vocabs[first]:
             raise ValueError(f'{name} and {first} use different tokenizers ({describe(vocab)} vs '
-                             f'{describe(vocabs[first])}): a mix needs one vocabulary; prepare them with the same one')
+                             f'{describe(vocabs[first])}): a mix needs one vocabulary; '
+                             'prepare them with the same one')
     return sources
 
 
@@ -86,6 +87,7 @@ def check_token_ids(sources, vocab_size, chunks=64, chunk_tokens=16384):
                 chunk = data[start:start + chunk_tokens]
                 if chunk.max() >= vocab_size:
                     at = int(start + np.argmax(chunk >= vocab_size))
-                    raise ValueError(f'{path} holds token id {int(data[at])} (at token {at:,}) but the model has '
-                                     f'{vocab_size} ids: the data was made with another tokenizer; prepare it again '
-                                     f'for this model, or train one with a matching vocabulary')
+                    raise ValueError(f'{path} holds token id {int(data[at])} (at token {at:,}) '
+                                     f'but the model has {vocab_size} ids: the data was made with another '
+                                     'tokenizer; prepare it again for this model, or train one with a '
+                                     'matching vocabulary')

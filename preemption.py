@@ -1,6 +1,7 @@
 """
-Pre-emption for train_deepspeed.py: the first SIGTERM or SIGINT (a scheduler's notice, Ctrl-C) only raises a flag;
-the loop finishes its optimizer step, every rank saves, and the run exits 0. A second signal exits at once.
+Pre-emption for train_deepspeed.py: the first SIGTERM or SIGINT (a scheduler's notice, Ctrl-C) only raises a
+flag; the loop finishes its optimizer step, every rank saves, and the run exits 0. A second signal exits at
+once.
 
 A signal to the `deepspeed` command itself (a container's PID 1, a batch system's notice) reaches no rank:
 DeepSpeed's single-node runner dies of it and leaves its launch.py and the ranks running. So each rank also
@@ -13,8 +14,9 @@ import time
 
 import psutil
 
-# DeepSpeed's launcher, signalled with its ranks (Ctrl-C in a terminal, a kill of the process group), forwards a
-# copy of the same notice to each rank at once: one arriving this soon after the first is not a second signal
+# DeepSpeed's launcher, signalled with its ranks (Ctrl-C in a terminal, a kill of the process group),
+# forwards a copy of the same notice to each rank at once: one arriving this soon after the first is not a
+# second signal
 SAME_NOTICE_S = 2.0
 WATCH_EVERY_S = 1.0  # how often a rank looks for its launcher and runner
 

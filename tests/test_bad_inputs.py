@@ -3,7 +3,8 @@ starting 'error:' that names the problem and the fix, a non-zero exit, and out_d
 finished run's checkpoint, which must be byte-for-byte the same afterwards, with no file added or removed).
 
 The trainer's cases run as plain `python train_deepspeed.py` (a world of one): every check here happens before
-training, so the 2-rank launcher would only add start-up time. The one 2-rank run is the finished run itself."""
+training, so the 2-rank launcher would only add start-up time. The one 2-rank run is the finished run
+itself."""
 import json
 import os
 import shutil
@@ -66,6 +67,11 @@ def without_latest(out):
     os.remove(out / 'latest')
 
 
+def batch_mismatch_json(tmp):
+    """The shipped ZeRO-2 JSON with a batch that the command line's 4 x 8 contradicts."""
+    return ds_json(tmp, train_batch_size=16, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=8)
+
+
 # id -> (set-up: (tmp_path, out_dir copy) -> trainer arguments, phrases the error line must hold)
 # The arguments follow TINY and --out_dir=<the copy>, so a later one overrides TINY's.
 TRAINER_CASES = {
@@ -82,7 +88,7 @@ TRAINER_CASES = {
         lambda tmp, out: [f"--deepspeed_config={ds_json(tmp, zero_optimization={'stage': 4})}"],
         ['zero_optimization.stage=4', '0, 1, 2 or 3']),
     'ds_json_batch_identity': (  # 4 x 8 x 1 rank = 32, not 16
-        lambda tmp, out: [f"--deepspeed_config={ds_json(tmp, train_batch_size=16, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=8)}",
+        lambda tmp, out: [f'--deepspeed_config={batch_mismatch_json(tmp)}',
                           '--batch_size=4', '--gradient_accumulation_steps=8'],
         ['train_batch_size=16', '4 x 8 x 1 = 32', '"auto"', '--batch_size']),
     'unknown_key': (
@@ -152,8 +158,11 @@ TRAINER_CASES = {
     'grad_clip_negative': (lambda tmp, out: ['--grad_clip=-1.0'], ['grad_clip=-1.0', '--grad_clip=0.0']),
     'out_dir_empty': (lambda tmp, out: ['--out_dir='], ["out_dir=''", '--out_dir=out']),
 }
+
+
 def attempt_trainer(case, tmp_path, finished_run):
-    """One trainer case against a copy of the finished run: (command, process, out_dir before, out_dir after)."""
+    """One trainer case against a copy of the finished run: (command, process, out_dir before, out_dir
+    after)."""
     setup, _ = TRAINER_CASES[case]
     out = tmp_path / 'out'
     shutil.copytree(finished_run, out)
@@ -194,16 +203,18 @@ def test_the_line_arrives_when_rank_0_is_slower(case, tmp_path, finished_run):
 
 def test_resume_from_a_missing_out_dir_creates_nothing(tmp_path):
     out = tmp_path / 'never'
-    line = one_error(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--init_from=resume']))
+    proc = run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--init_from=resume'])
+    line = one_error(proc)
     assert 'nothing to resume' in line and not out.exists()
 
 
-# --- run_deepspeed_xl.sh ---------------------------------------------------------------------------------------
+# --- run_deepspeed_xl.sh ------------------------------------------------------------------------------------
 
 def fake_gpus(tmp_path, count):
-    """An environment whose `python` reports `count` CUDA devices to the script's GPU count and is the venv's
-    python otherwise: the script's checks against the GPU count, on a machine without GPUs. The script runs from
-    tmp_path/repo, the project's files linked there without .venv, which the script would put first on PATH."""
+    """An environment whose `python` reports `count` CUDA devices to the script's GPU count and is the
+    venv's python otherwise: the script's checks against the GPU count, on a machine without GPUs. The script
+    runs from tmp_path/repo, the project's files linked there without .venv, which the script would put first
+    on PATH."""
     mirror = tmp_path / 'repo'
     mirror.mkdir()
     for name in os.listdir(REPO):
@@ -212,14 +223,16 @@ def fake_gpus(tmp_path, count):
     shutil.copy(SCRIPT, mirror)
     shim = tmp_path / 'fakebin'
     shim.mkdir()
-    write(shim / 'python', f'#!/bin/sh\n[ "$1" = -c ] && [ "$2" = "import torch; print(torch.cuda.device_count())" ] '
-                           f'&& {{ echo {count}; exit 0; }}\nexec {sys.executable} "$@"\n').chmod(0o755)
+    asks_gpu_count = '[ "$1" = -c ] && [ "$2" = "import torch; print(torch.cuda.device_count())" ]'
+    write(shim / 'python', f'#!/bin/sh\n{asks_gpu_count} && {{ echo {count}; exit 0; }}\n'
+                           f'exec {sys.executable} "$@"\n').chmod(0o755)
     return dict(env(), PATH=f'{shim}{os.pathsep}{BIN}{os.pathsep}{os.environ["PATH"]}')
 
 
 # id -> (arguments and environment: (tmp_path) -> (args, environ or None), phrases the error line must hold,
 # {tmp} standing for tmp_path).
-# Each also gets tiny settings and --max_iters=1, so that a check that stopped working costs a short run, not a demo.
+# Each also gets tiny settings and --max_iters=1, so that a check that stopped working costs a short run, not
+# a demo.
 LAUNCHER_CASES = {
     'cuda_visible_devices_without_gpus': (
         lambda tmp: ([], dict(env(), CUDA_VISIBLE_DEVICES='0,1')),
@@ -238,7 +251,8 @@ LAUNCHER_CASES = {
         ['--num_gpus two', 'whole number']),
     'cpu_demo_ranks_beyond_the_cores': (
         lambda tmp: (['--cpu-demo', '--num_gpus', str(os.cpu_count() + 1)], None),
-        [f'--num_gpus {os.cpu_count() + 1}', f'{os.cpu_count()} CPU core(s)', f'--num_gpus {os.cpu_count()} or fewer']),
+        [f'--num_gpus {os.cpu_count() + 1}', f'{os.cpu_count()} CPU core(s)',
+         f'--num_gpus {os.cpu_count()} or fewer']),
     'ds_json_does_not_parse': (
         lambda tmp: (['--cpu-demo', f"--deepspeed_config={write(tmp / 'ds.json', BROKEN_JSON)}"], None),
         ['DeepSpeed config {tmp}/ds.json is missing or not valid JSON', 'python -m json.tool']),
@@ -252,7 +266,8 @@ LAUNCHER_CASES = {
 
 
 def attempt_launcher(case, tmp_path, finished_run):
-    """One script case, out_dir a copy of the finished run: (command, process, out_dir before, out_dir after)."""
+    """One script case, out_dir a copy of the finished run: (command, process, out_dir before, out_dir
+    after)."""
     setup, _ = LAUNCHER_CASES[case]
     out = tmp_path / 'out'
     shutil.copytree(finished_run, out)

@@ -7,13 +7,15 @@ import pytest
 from conftest import REPO
 from configurator import parse_overrides
 
-DEFAULTS = {'batch_size': 1, 'learning_rate': 3e-5, 'decay_lr': True, 'dataset': 'shakespeare', 'dtype': 'auto'}
+DEFAULTS = {'batch_size': 1, 'learning_rate': 3e-5, 'decay_lr': True, 'dataset': 'shakespeare',
+            'dtype': 'auto'}
 
 
 def test_config_file_then_overrides(tmp_path):
     cfg = tmp_path / 'cfg.py'
     cfg.write_text("import math\nbatch_size = 4\nlearning_rate = 1e-3\n_private = 1\n")
-    out = parse_overrides([str(cfg), '--batch_size=8', '--dataset=shakespeare_char', '--local_rank=1'], DEFAULTS)
+    args = [str(cfg), '--batch_size=8', '--dataset=shakespeare_char', '--local_rank=1']
+    out = parse_overrides(args, DEFAULTS)
     assert out == {'batch_size': 8, 'learning_rate': 1e-3, 'dataset': 'shakespeare_char'}
 
 
@@ -23,14 +25,17 @@ def test_types_are_checked():
     assert parse_overrides(['--decay_lr=False'], DEFAULTS) == {'decay_lr': False}
     assert parse_overrides(["--dtype='bfloat16'"], DEFAULTS) == {'dtype': 'bfloat16'}
     # a text setting takes the text as written, whatever it would parse as
-    assert parse_overrides(['--dataset=3', '--init_from=0,2'], {**DEFAULTS, 'init_from': 'x'}) == {'dataset': '3', 'init_from': '0,2'}
-    for bad in ('--batch_size=1.5', '--decay_lr=1', '--batch_size=four', '--learning_rate=True', "--batch_size='3'"):
+    texts = parse_overrides(['--dataset=3', '--init_from=0,2'], {**DEFAULTS, 'init_from': 'x'})
+    assert texts == {'dataset': '3', 'init_from': '0,2'}
+    for bad in ('--batch_size=1.5', '--decay_lr=1', '--batch_size=four', '--learning_rate=True',
+                "--batch_size='3'"):
         with pytest.raises(ValueError, match='expected'):
             parse_overrides([bad], DEFAULTS)
 
 
 def test_unknown_key_lists_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown key 'batchsize'; valid keys: batch_size, dataset, decay_lr"):
+    listed = "unknown key 'batchsize'; valid keys: batch_size, dataset, decay_lr"
+    with pytest.raises(ValueError, match=listed):
         parse_overrides(['--batchsize=2'], DEFAULTS)
     cfg = tmp_path / 'cfg.py'
     cfg.write_text('max_itters = 5\n')
@@ -43,10 +48,12 @@ def test_unknown_key_lists_valid_ones(tmp_path):
 
 
 def test_resolves_the_trainers_constants():
-    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', 'config/train_shakespeare_char_cpu.py',
-                           '--max_iters=7'], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py',
+                           'config/train_shakespeare_char_cpu.py', '--max_iters=7'],
+                          cwd=REPO, capture_output=True, text=True)
     s = json.loads(proc.stdout)
-    assert s['max_iters'] == 7 and s['dataset'] == 'shakespeare_char' and s['gradient_accumulation_steps'] == 1
+    assert s['max_iters'] == 7 and s['dataset'] == 'shakespeare_char'
+    assert s['gradient_accumulation_steps'] == 1
     assert s['learning_rate'] == 8e-3 and s['init_from'] == 'scratch'
     proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', '--max_iter=7'],
                           cwd=REPO, capture_output=True, text=True)
@@ -55,9 +62,10 @@ def test_resolves_the_trainers_constants():
 
 def test_headline_defaults():
     """The script's defaults are the seeds' headline run."""
-    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py'], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py'],
+                          cwd=REPO, capture_output=True, text=True)
     s = json.loads(proc.stdout)
-    assert (s['init_from'], s['dataset'], s['block_size'], s['batch_size'], s['gradient_accumulation_steps']) == \
-        ('gpt2-xl', 'shakespeare', 1024, 1, 32)
+    shape = (s['init_from'], s['dataset'], s['block_size'], s['batch_size'], s['gradient_accumulation_steps'])
+    assert shape == ('gpt2-xl', 'shakespeare', 1024, 1, 32)
     assert (s['max_iters'], s['learning_rate'], s['eval_interval'], s['eval_iters']) == (20, 3e-5, 5, 20)
     assert (s['out_dir'], s['deepspeed_config']) == ('out-shakespeare-xl-deepspeed', 'ds_config_zero2.json')

@@ -11,7 +11,8 @@ from tokenizer import gpt2_encoding, load_codec
 
 
 def bins(name):
-    return [np.memmap(os.path.join(REPO, 'data', name, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')]
+    folder = os.path.join(REPO, 'data', name)
+    return [np.memmap(os.path.join(folder, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')]
 
 
 def test_gpt2_bpe_offline():
@@ -25,7 +26,8 @@ def test_char_level_data():
     assert abs(len(train) / (len(train) + len(val)) - 0.9) < 1e-3  # 90/10 split
     with open(os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl'), 'rb') as f:
         meta = pickle.load(f)
-    assert meta['vocab_size'] == len(meta['itos']) == len(meta['stoi']) and int(train.max()) < meta['vocab_size']
+    assert meta['vocab_size'] == len(meta['itos']) == len(meta['stoi'])
+    assert int(train.max()) < meta['vocab_size']
     encode, decode = load_codec(os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl'))
     text = decode(train[:20000].tolist())
     assert 'the' in text and encode(text[:500]) == train[:500].tolist()
@@ -37,7 +39,8 @@ def test_bpe_data_decodes_to_shakespeare():
     assert int(train.max()) < 50257
     text = gpt2_encoding().decode(train[:5000].tolist())
     assert sum(w in text for w in (' thou ', ' the ', ' my lord')) >= 2
-    assert not os.path.exists(os.path.join(REPO, 'data', 'shakespeare', 'meta.pkl'))  # BPE: no char vocabulary
+    # BPE: no char vocabulary
+    assert not os.path.exists(os.path.join(REPO, 'data', 'shakespeare', 'meta.pkl'))
 
 
 def test_prepare_from_a_local_file(tmp_path):
@@ -48,7 +51,8 @@ def test_prepare_from_a_local_file(tmp_path):
     for f in ('shakespeare_text.py', os.path.join('shakespeare_char', 'prepare.py')):
         (work / f).write_text(open(os.path.join(src, f)).read())
     (tmp_path / 'in.txt').write_text('abcab' * 200)
-    proc = subprocess.run([sys.executable, str(work / 'shakespeare_char' / 'prepare.py'), '--input', str(tmp_path / 'in.txt')],
+    prepare = work / 'shakespeare_char' / 'prepare.py'
+    proc = subprocess.run([sys.executable, str(prepare), '--input', str(tmp_path / 'in.txt')],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     train = np.fromfile(work / 'shakespeare_char' / 'train.bin', dtype=np.uint16)

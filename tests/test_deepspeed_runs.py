@@ -15,8 +15,8 @@ from model import GPT, GPTConfig
 @pytest.mark.parametrize('stage', [2, 3])
 def test_trains_and_checkpoints(tmp_path, stage):
     out = tmp_path / 'out'
-    proc = ok(launch([*TINY, f'--out_dir={out}', f'--deepspeed_config=ds_config_zero{stage}.json', '--max_iters=30',
-                      '--eval_interval=10', '--lr_decay_iters=30']))
+    proc = ok(launch([*TINY, f'--out_dir={out}', f'--deepspeed_config=ds_config_zero{stage}.json',
+                      '--max_iters=30', '--eval_interval=10', '--lr_decay_iters=30']))
     assert f'ZeRO-{stage}, float32, 2 rank(s) on cpu (gloo)' in proc.stdout
     assert 'train_batch_size = 8 x 1 x 2 = 16 sequences' in proc.stdout
     records = metrics(out)
@@ -24,7 +24,8 @@ def test_trains_and_checkpoints(tmp_path, stage):
     steps = [r for r in records if 'loss' in r]
     assert [r['iter'] for r in evals] == [0, 10, 20, 30]
     assert [r['iter'] for r in steps] == list(range(30))
-    assert set(steps[0]) >= {'iter', 'loss', 'lr', 'dt_ms'} and set(evals[0]) >= {'iter', 'train_loss', 'val_loss'}
+    assert set(steps[0]) >= {'iter', 'loss', 'lr', 'dt_ms'}
+    assert set(evals[0]) >= {'iter', 'train_loss', 'val_loss'}
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5  # it learns
     assert np.mean([r['loss'] for r in steps[-5:]]) < np.mean([r['loss'] for r in steps[:5]]) - 0.5
     # the logged learning rate follows warmup then cosine (3e-3 -> 3e-4 over 30 iters)
@@ -35,20 +36,24 @@ def test_trains_and_checkpoints(tmp_path, stage):
     assert (out / 'iter_10').is_dir() and (out / 'iter_20').is_dir()
     files = sorted(os.listdir(out / 'final'))
     optim = [f'zero_pp_rank_{r}_mp_rank_00_optim_states.pt' for r in (0, 1)]
-    model = ['mp_rank_00_model_states.pt'] if stage == 2 else [f'zero_pp_rank_{r}_mp_rank_00_model_states.pt' for r in (0, 1)]
+    if stage == 2:
+        model = ['mp_rank_00_model_states.pt']
+    else:
+        model = [f'zero_pp_rank_{r}_mp_rank_00_model_states.pt' for r in (0, 1)]
     assert files == sorted(optim + model + ['checksums.json'])
     state = torch.load(out / 'final' / model[0], map_location='cpu', weights_only=False)
     assert state['iter_num'] == 30 and state['model_args']['n_layer'] == 2 and len(state['rng_states']) == 2
     assert state['model_args']['vocab_size'] == 84  # from data/shakespeare_char/meta.pkl, not GPT-2's 50304
-    assert state['config']['max_iters'] == 30 and state['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
+    assert state['config']['max_iters'] == 30
+    assert state['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
 
 
 @pytest.mark.parametrize('stage', [2, 3])
 def test_stop_and_resume_equals_uninterrupted(tmp_path, stage):
     """Stopped at iter 4 and resumed, a run logs the same losses as one that never stopped. Dropout and
     gradient accumulation are on, so the RNG streams and the micro-step order must be restored too."""
-    args = [*TINY, f'--deepspeed_config=ds_config_zero{stage}.json', '--dropout=0.1', '--gradient_accumulation_steps=2',
-            '--eval_interval=4', '--lr_decay_iters=8']
+    args = [*TINY, f'--deepspeed_config=ds_config_zero{stage}.json', '--dropout=0.1',
+            '--gradient_accumulation_steps=2', '--eval_interval=4', '--lr_decay_iters=8']
     ok(launch([*args, f'--out_dir={tmp_path / "a"}', '--max_iters=8']))
     ok(launch([*args, f'--out_dir={tmp_path / "b"}', '--max_iters=4']))
     proc = ok(launch([*args, f'--out_dir={tmp_path / "b"}', '--max_iters=8', '--init_from=resume']))
@@ -67,14 +72,16 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, stage):
 def saved_at_each_eval(tmp_path_factory):
     """A finished 2-rank run with the tags iter_2 and final (iter 4)."""
     out = tmp_path_factory.mktemp('saved') / 'out'
-    ok(launch([*TINY, f'--out_dir={out}', '--max_iters=4', '--eval_interval=2', '--always_save_checkpoint=True']))
+    ok(launch([*TINY, f'--out_dir={out}', '--max_iters=4', '--eval_interval=2',
+               '--always_save_checkpoint=True']))
     return out
 
 
 def test_resume_from_a_named_tag(saved_at_each_eval, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(saved_at_each_eval, out)
-    proc = ok(launch([*TINY, f'--out_dir={out}', '--max_iters=3', '--init_from=resume', '--resume_tag=iter_2']))
+    proc = ok(launch([*TINY, f'--out_dir={out}', '--max_iters=3', '--init_from=resume',
+                      '--resume_tag=iter_2']))
     assert f'resumed at iter 2 from {out / "iter_2"}' in proc.stdout
     assert [r['iter'] for r in metrics(out) if 'loss' in r][-1] == 2
 
@@ -104,8 +111,9 @@ def test_one_process_without_launcher_and_bf16(tmp_path):
     other_ninja.parent.mkdir()
     other_ninja.write_text(f'#!/bin/sh\ntouch {tmp_path}/other_ninja_ran\nexit 1\n')
     other_ninja.chmod(0o755)
-    proc = ok(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--max_iters=3', '--dtype=bfloat16',
-                   '--eval_interval=3'], environ=env(PATH=f"{other_ninja.parent}{os.pathsep}{os.environ['PATH']}")))
+    path = f"{other_ninja.parent}{os.pathsep}{os.environ['PATH']}"
+    proc = ok(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--max_iters=3',
+                   '--dtype=bfloat16', '--eval_interval=3'], environ=env(PATH=path)))
     assert 'bfloat16, 1 rank(s) on cpu' in proc.stdout and 'train_batch_size = 8 x 1 x 1' in proc.stdout
     assert (out / 'final' / 'bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt').exists()
     assert not (tmp_path / 'other_ninja_ran').exists()

@@ -20,7 +20,8 @@ def test_dry_run_plans_without_a_gpu(tmp_path):
     proc = sh('--dry-run', '--num_gpus', '8', '--plan_gpu_mem_gb=24', '--dtype=bfloat16', '--batch_size=2',
               '--gradient_accumulation_steps=8', f'--out_dir={tmp_path / "out"}')
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert '8 GPU(s), planned' in proc.stdout and '2 (micro) x 8 (accumulation) x 8 (world) = 128 sequences' in proc.stdout
+    assert '8 GPU(s), planned' in proc.stdout
+    assert '2 (micro) x 8 (accumulation) x 8 (world) = 128 sequences' in proc.stdout
     assert 'recommended for 24.0 GiB per GPU and 128 sequences per step' in proc.stdout
     assert not (tmp_path / 'out').exists()
 

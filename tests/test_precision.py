@@ -1,6 +1,6 @@
-"""dtype='auto' follows what the device computes natively; bf16 that a CPU only emulates runs, after one warning
-with the measured slowdown. Both kinds of CPU are real here: AVX2_ONLY caps oneDNN and ATen at AVX2, so a
-CPU with bf16 kernels answers and computes as one without (an AVX2 AMD EPYC, say)."""
+"""dtype='auto' follows what the device computes natively; bf16 that a CPU only emulates runs, after one
+warning with the measured slowdown. Both kinds of CPU are real here: AVX2_ONLY caps oneDNN and ATen at AVX2,
+so a CPU with bf16 kernels answers and computes as one without (an AVX2 AMD EPYC, say)."""
 import json
 import os
 import re
@@ -17,7 +17,7 @@ from ds_setup import choose_dtype
     (True, 8, False, False, 0.0, 'bfloat16'),  # A100, H100
     (True, 7, False, False, 0.0, 'float16'),  # V100
     (False, 0, True, False, 2.0, 'bfloat16'),  # bf16 kernels that pay (AMX, say)
-    (False, 0, True, False, 0.9, 'float32'),  # bf16 kernels no faster than fp32's (AVX512-BF16 on a Xeon here)
+    (False, 0, True, False, 0.9, 'float32'),  # bf16 kernels no faster than fp32's (AVX512-BF16, a Xeon here)
     (False, 0, True, False, 0.0, 'float32'),  # not yet timed
     (False, 0, False, False, 2.0, 'float32'),  # an AVX2 CPU: bf16 emulated, ~60x slower
     (False, 0, False, True, 0.0, 'bfloat16'),  # a dry run planning GPUs from a laptop
@@ -25,14 +25,16 @@ from ds_setup import choose_dtype
 def test_auto_dtype_by_device(on_gpu, gpu_major, bf16_native, planning_gpus, bf16_speedup, expected):
     dtype, why = choose_dtype('auto', on_gpu, gpu_major, bf16_native, planning_gpus, bf16_speedup)
     assert dtype == expected and why
-    assert choose_dtype('float32', on_gpu, gpu_major, bf16_native, planning_gpus, bf16_speedup) == ('float32', '')
+    explicit = choose_dtype('float32', on_gpu, gpu_major, bf16_native, planning_gpus, bf16_speedup)
+    assert explicit == ('float32', '')
 
 
 MATMULS = '''
 import json
 from ds_setup import cpu_bf16_native
 from perf import matmul_flops
-print(json.dumps([cpu_bf16_native(), matmul_flops('float32', seconds=0.3), matmul_flops('bfloat16', seconds=0.3)]))
+print(json.dumps([cpu_bf16_native(), matmul_flops('float32', seconds=0.3),
+                  matmul_flops('bfloat16', seconds=0.3)]))
 '''
 
 
@@ -56,12 +58,14 @@ def auto_plan(*args, extra=None):
 
 
 def test_auto_says_what_it_picked_and_why():
-    """Here: bf16 where a block of the model, timed forward and backward, is clearly faster in bf16 than fp32."""
+    """Here: bf16 where a block of the model, timed forward and backward, is clearly faster in bf16 than
+    fp32."""
     said = re.search(r"dtype auto -> (\w+): (.*)", auto_plan().stdout)
     if 'no bf16 kernels' in said.group(2):
         assert said.group(1) == 'float32'
     else:
-        speedup = float(re.search(r'a block of this model runs ([\d.]+)x as fast in bf16', said.group(2)).group(1))
+        measured = re.search(r'a block of this model runs ([\d.]+)x as fast in bf16', said.group(2))
+        speedup = float(measured.group(1))
         assert said.group(1) == ('bfloat16' if speedup >= 1.5 else 'float32')
     avx2 = auto_plan(extra=AVX2_ONLY).stdout
     assert 'dtype auto -> float32: this CPU (AVX2) has no bf16 kernels' in avx2
@@ -70,8 +74,8 @@ def test_auto_says_what_it_picked_and_why():
 
 
 def test_emulated_bf16_runs_after_one_warning_and_keeps_mfu_honest(tmp_path):
-    """An explicit bf16 on a CPU that emulates it: one warning with the measured slowdown, then the run. Its MFU
-    is a share of what bf16 reaches here, never above 100% (a fixed 512x512 matmul's peak gave 285%)."""
+    """An explicit bf16 on a CPU that emulates it: one warning with the measured slowdown, then the run. Its
+    MFU is a share of what bf16 reaches here, never above 100% (a fixed 512x512 matmul's peak gave 285%)."""
     out = tmp_path / 'out'
     proc = ok(run([sys.executable, 'train_deepspeed.py', *TINY, '--dtype=bfloat16', f'--out_dir={out}',
                    '--max_iters=3', '--eval_interval=3'], environ=env(**AVX2_ONLY)))

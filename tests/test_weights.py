@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, one_error, run
-from conftest import tiny_hf
+from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, one_error
+from conftest import run, tiny_hf
 from export import consolidate
 from model import GPT, GPTConfig
 
@@ -33,7 +33,8 @@ def export(out_dir, export_dir, *args):
 
 
 def sample(*args, merge_stderr=True):
-    return run([sys.executable, 'sample.py', '--num_samples=2', '--max_new_tokens=40', *args], merge_stderr=merge_stderr)
+    return run([sys.executable, 'sample.py', '--num_samples=2', '--max_new_tokens=40', *args],
+               merge_stderr=merge_stderr)
 
 
 def sample_text(*args):
@@ -59,7 +60,8 @@ def test_fine_tune_starts_from_the_pretrained_weights(tmp_path, stage):
     assert abs(first['loss'] - expected_first_loss(hf, accumulation=2)) <= 1e-5
     step0 = expected_eval(hf)
     assert records[0]['iter'] == 0
-    assert abs(records[0]['train_loss'] - step0['train']) <= 1e-5 and abs(records[0]['val_loss'] - step0['val']) <= 1e-5
+    assert abs(records[0]['train_loss'] - step0['train']) <= 1e-5
+    assert abs(records[0]['val_loss'] - step0['val']) <= 1e-5
     assert records[-1]['val_loss'] < records[0]['val_loss']  # and it does train
 
 
@@ -67,8 +69,8 @@ def test_fine_tune_starts_from_the_pretrained_weights(tmp_path, stage):
                                          (0, 'bfloat16'), (3, 'bfloat16')])
 def test_export_any_stage(tmp_path, stage, dtype):
     out, exported = tmp_path / 'out', tmp_path / 'export'
-    ok(launch([*TINY, f'--out_dir={out}', f'--deepspeed_config={ds_config(tmp_path, stage)}', f'--dtype={dtype}',
-               '--max_iters=3', '--eval_interval=3']))
+    ok(launch([*TINY, f'--out_dir={out}', f'--deepspeed_config={ds_config(tmp_path, stage)}',
+               f'--dtype={dtype}', '--max_iters=3', '--eval_interval=3']))
     proc = ok(export(out, exported))
     assert f'exported {out}/final (iter 3' in proc.stdout
     assert sorted(os.listdir(exported)) == ['ckpt.pt', 'config.json', 'meta.pkl', 'model.safetensors']
@@ -92,7 +94,9 @@ def test_export_any_stage(tmp_path, stage, dtype):
     else:  # the run evaluated its bf16 copy; the export holds the fp32 masters, which round to that copy
         assert abs(got['val'] - final['val_loss']) <= 2e-2
         if stage == 0:
-            module = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)['module']
+            state = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu',
+                               weights_only=False)
+            module = state['module']
             assert all(torch.equal(ckpt['model'][k].bfloat16(), v) for k, v in module.items())
 
     # (b) the transformers folder: loads with nothing missing or left over, and computes the same logits
@@ -110,18 +114,21 @@ def test_export_any_stage(tmp_path, stage, dtype):
 def char_run(tmp_path_factory):
     """A ZeRO-3 character-level run with checkpoints iter_2 and final."""
     out = tmp_path_factory.mktemp('char') / 'out'
-    ok(launch([*TINY, f'--out_dir={out}', '--deepspeed_config=ds_config_zero3.json', '--max_iters=4', '--eval_interval=2',
-               '--always_save_checkpoint=True']))
+    ok(launch([*TINY, f'--out_dir={out}', '--deepspeed_config=ds_config_zero3.json', '--max_iters=4',
+               '--eval_interval=2', '--always_save_checkpoint=True']))
     return out
 
 
 def test_sample_from_a_run_and_its_export_agree(char_run, tmp_path):
-    """sample.py consolidates a ZeRO-3 run in one process; the export of that checkpoint samples the same text."""
+    """sample.py consolidates a ZeRO-3 run in one process; the export of that checkpoint samples the same
+    text."""
     ok(export(char_run, tmp_path / 'export'))
     prompt = tmp_path / 'prompt.txt'
     prompt.write_text('ROMEO:\n')
-    texts = [sample_text(*source, f'--start=FILE:{prompt}') for source in
-             ([f'--out_dir={char_run}'], [f'--init_from={tmp_path / "export"}'], [f'--init_from={tmp_path / "export" / "ckpt.pt"}'])]
+    exported = tmp_path / 'export'
+    sources = ([f'--out_dir={char_run}'], [f'--init_from={exported}'],
+               [f'--init_from={exported / "ckpt.pt"}'])
+    texts = [sample_text(*source, f'--start=FILE:{prompt}') for source in sources]
     assert texts[0] == texts[1] == texts[2]
     samples = texts[0].split('---------------\n')
     assert len(samples) == 3 and samples[2] == ''  # two samples, each ended by the separator
@@ -160,19 +167,22 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     ok(run(shlex.split(error.split('`')[1])))  # the command the error names, as a user would paste it
 
     proc = ok(launch([*resume, '--resume_tag=final_universal', '--eval_only=True'], ranks=1))
-    train, val = map(float, re.search(r'rank 0 of 1 has train loss (\S+), val loss (\S+)', proc.stdout).groups())
+    said = re.search(r'rank 0 of 1 has train loss (\S+), val loss (\S+)', proc.stdout)
+    train, val = map(float, said.groups())
     expected = expected_eval(consolidate(str(out), 'final')[0], ranks=1)
     assert abs(train - expected['train']) <= 1e-5 and abs(val - expected['val']) <= 1e-5
 
     (out / 'final.partial').mkdir()  # the remains of a save killed half-way: cleared, never mixed in
     (out / 'final.partial' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt').write_text('junk')
-    proc = ok(launch([*resume, '--resume_tag=final_universal', '--max_iters=6', '--eval_interval=2'], ranks=1))
+    proc = ok(launch([*resume, '--resume_tag=final_universal', '--max_iters=6', '--eval_interval=2'],
+                     ranks=1))
     assert not (out / 'final.partial').exists() and not (out / 'final.old').exists()
     assert 'resumed at iter 4' in proc.stdout and 'the batch order starts afresh' in proc.stdout
     evals = [r for r in metrics(out) if 'val_loss' in r]
     assert evals[-1]['iter'] == 6 and evals[-1]['val_loss'] < evals[-2]['val_loss']
     # the new final is one rank's checkpoint throughout: no shard of the 2-rank save is left in it
-    assert sorted(os.listdir(out / 'final')) == ['checksums.json', 'zero_pp_rank_0_mp_rank_00_model_states.pt',
+    assert sorted(os.listdir(out / 'final')) == ['checksums.json',
+                                                 'zero_pp_rank_0_mp_rank_00_model_states.pt',
                                                  'zero_pp_rank_0_mp_rank_00_optim_states.pt']
     assert (out / 'latest').read_text() == 'final'
 
@@ -187,12 +197,15 @@ def test_gpt2_bpe_run_exports_a_tokenizer_and_samples(tmp_path):
                '--deepspeed_config=ds_config_zero3.json', '--max_iters=2', '--eval_interval=2']))
     assert not (out / 'meta.pkl').exists()
     ok(export(out, exported))
-    assert {'vocab.json', 'merges.txt', 'tokenizer_config.json', 'config.json', 'model.safetensors', 'ckpt.pt'} == set(os.listdir(exported))
+    assert set(os.listdir(exported)) == {'vocab.json', 'merges.txt', 'tokenizer_config.json', 'config.json',
+                                         'model.safetensors', 'ckpt.pt'}
     from transformers import AutoTokenizer, GPT2LMHeadModel
     from tokenizer import gpt2_encoding
     text = 'ROMEO: But, soft! what light through yonder window breaks?\n\n  <|endoftext|>'
-    assert AutoTokenizer.from_pretrained(exported)(text)['input_ids'] == gpt2_encoding().encode(text, allowed_special='all')
+    ids = AutoTokenizer.from_pretrained(exported)(text)['input_ids']
+    assert ids == gpt2_encoding().encode(text, allowed_special='all')
     assert GPT2LMHeadModel.from_pretrained(exported).config.eos_token_id == 50256
-    texts = [sample_text(*source, '--start=ROMEO:') for source in ([f'--out_dir={out}'], [f'--init_from={exported}'])]
+    sources = ([f'--out_dir={out}'], [f'--init_from={exported}'])
+    texts = [sample_text(*source, '--start=ROMEO:') for source in sources]
     assert texts[0] == texts[1] and texts[0].startswith('ROMEO:')
     assert sample_text(f'--init_from={tmp_path / "hf"}', '--start=').count('---------------') == 2
