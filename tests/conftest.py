@@ -3,6 +3,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,3 +180,27 @@ def expected_first_loss(model, dataset='shakespeare_char', ranks=2, accumulation
     """The loss the trainer logs at iter 0: the mean over every rank's micro batches, drawn from default_rng([seed, r])."""
     return float(np.mean([loss_of(model, x, y) for r in range(ranks)
                           for x, y in batches_of(dataset, [seed, r], 'train', accumulation, **shape)]))
+
+
+@pytest.fixture(scope='session')
+def mix(tmp_path_factory):
+    """A dataset mix, 3:1, of Shakespeare's characters and a second dataset with their vocabulary: the same
+    characters backwards."""
+    char = os.path.join(REPO, 'data', 'shakespeare_char')
+    folder = tmp_path_factory.mktemp('backwards')
+    for split in ('train', 'val'):
+        ids = np.fromfile(os.path.join(char, f'{split}.bin'), dtype=np.uint16)
+        ids[::-1].tofile(folder / f'{split}.bin')
+    shutil.copy(os.path.join(char, 'meta.pkl'), folder)
+    return {'shakespeare_char': 3, str(folder): 1}
+
+
+@pytest.fixture(scope='session')
+def saved_run(tmp_path_factory):
+    """(out_dir, stdout) of a finished run that saved at every eval, keeping the newest two iter_* tags. Tests
+    change only copies of out_dir."""
+    out = tmp_path_factory.mktemp('run') / 'out'
+    args = [*TINY, f'--out_dir={out}', '--max_iters=10', '--eval_interval=2', '--always_save_checkpoint=True',
+            '--keep_last_n=2']
+    proc = ok(launch(args))
+    return out, proc.stdout

@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 
 from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, ok, one_error, run, sh, slow_rank, snapshot
@@ -206,6 +207,42 @@ def test_resume_from_a_missing_out_dir_creates_nothing(tmp_path):
     proc = run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--init_from=resume'])
     line = one_error(proc)
     assert 'nothing to resume' in line and not out.exists()
+
+
+@pytest.mark.parametrize('case', ['short', 'odd', 'ids', 'unwritable'])
+def test_bad_data_and_out_dir_are_one_line(tmp_path, case):
+    """Data that cannot be trained on, or an out_dir under a file: the line names the file at fault (a path
+    under tmp_path, which TRAINER_CASES' fixed phrases cannot name), and out_dir, absent before, stays
+    absent."""
+    char = os.path.join(REPO, 'data', 'shakespeare_char')
+    data = tmp_path / 'data'
+    data.mkdir()
+    ids = np.fromfile(os.path.join(char, 'val.bin'), dtype=np.uint16)
+    for split in ('train', 'val'):
+        ids.tofile(data / f'{split}.bin')
+    shutil.copy(os.path.join(char, 'meta.pkl'), data)
+    out = tmp_path / 'out'
+    a_file = tmp_path / 'a_file'
+    if case == 'short':
+        ids[:20].tofile(data / 'val.bin')
+    elif case == 'odd':
+        with open(data / 'train.bin', 'ab') as f:
+            f.write(b'\0')
+    elif case == 'ids':
+        bad = ids.copy()
+        bad[1000] = 500
+        bad.tofile(data / 'train.bin')
+    else:
+        a_file.write_text('')
+        out = a_file / 'out'
+    args = [*TINY, f'--dataset={data}', f'--out_dir={out}', '--max_iters=2']
+    line = one_error(run([sys.executable, 'train_deepspeed.py', *args]))
+    expected = {'short': f'{data}/val.bin holds 20 tokens, fewer than block_size + 1 = 33',
+                'odd': f'{data}/train.bin has {2 * len(ids) + 1:,} bytes, an odd number',
+                'ids': f'{data}/train.bin holds token id 500 (at token 1,000) but the model has 84 ids',
+                'unwritable': f'out_dir={out} cannot be written ({a_file} is not a writable folder)'}[case]
+    assert expected in line
+    assert not out.exists() or case == 'unwritable'
 
 
 # --- run_deepspeed_xl.sh ------------------------------------------------------------------------------------

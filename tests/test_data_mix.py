@@ -1,0 +1,53 @@
+"""A dataset mix, --dataset={name or folder: weight, ...}: data_sources.resolve turns the weights into shares
+that sum to 1, and the trainer's get_batch draws each training window from a dataset with the probability of
+its share. The datasets must speak one vocabulary: a mix of a character-level dataset with another whose
+meta.pkl maps the characters differently, or with one that has no meta.pkl (GPT-2 BPE), is refused with a
+ValueError that says the tokenizers differ. The mix itself is the mix fixture (conftest.py): Shakespeare's
+characters 3:1 with the same characters backwards."""
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import data_sources
+from conftest import REPO, script_function
+
+CHAR = os.path.join(REPO, 'data', 'shakespeare_char')
+
+
+def test_mix_draws_by_weight_and_needs_one_vocabulary(tmp_path, mix):
+    sources = data_sources.resolve(mix, 32)
+    assert [w for _, w in sources.values()] == [0.75, 0.25]
+    get_batch = script_function('get_batch', np=np, torch=torch, os=os, sources=sources,
+                                source_names=list(sources), source_weights=[0.75, 0.25], block_size=32,
+                                batch_size=1, on_gpu=False)
+    rng = np.random.default_rng(0)
+    share = np.mean([not _in_forward(get_batch('train', rng)[0][0].numpy()) for _ in range(400)])
+    assert 0.18 < share < 0.32  # 1 in 4 windows from the backwards text
+
+    other = tmp_path / 'other'
+    other.mkdir()
+    for split in ('train', 'val'):
+        shutil.copy(os.path.join(CHAR, f'{split}.bin'), other)
+    meta = pickle.load(open(os.path.join(CHAR, 'meta.pkl'), 'rb'))
+    meta['stoi'] = {k: (v + 1) % meta['vocab_size'] for k, v in meta['stoi'].items()}
+    pickle.dump(meta, open(other / 'meta.pkl', 'wb'))
+    with pytest.raises(ValueError, match='use different tokenizers'):
+        data_sources.resolve({'shakespeare_char': 1, str(other): 1}, 32)
+    os.remove(other / 'meta.pkl')  # no meta.pkl: GPT-2 BPE
+    with pytest.raises(ValueError, match=r'meta.pkl with 84 symbols vs GPT-2 BPE'):
+        data_sources.resolve({str(other): 1, 'shakespeare_char': 1}, 32)
+
+
+_FORWARD = None
+
+
+def _in_forward(window):
+    """Whether the window is a slice of the forward text (the backwards text's windows almost never are)."""
+    global _FORWARD
+    if _FORWARD is None:
+        _FORWARD = np.fromfile(os.path.join(CHAR, 'train.bin'), dtype=np.uint16).tobytes()
+    return window.astype(np.uint16).tobytes() in _FORWARD

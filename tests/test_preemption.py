@@ -1,0 +1,135 @@
+"""Pre-emption: a SIGTERM (a batch system's or a container's notice) or a Ctrl-C never loses a run. Whether it
+reaches the ranks themselves, the deepspeed command alone (whose runner dies of it and tells no rank), or
+run_deepspeed_xl.sh, every rank finishes the step it is in, they save one checkpoint together, say so in one
+line naming the tag and how to go on, and exit 0 (the runner that died of the signal excepted); no process is
+left behind. Resumed, the run logs exactly the losses of one that never stopped. A second signal while the
+first waits for a long step ends the run at once, saving nothing. Real 2-rank DeepSpeed runs on CPU (gloo)."""
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+import checkpoints
+from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
+
+
+def last_losses(out_dir):
+    """iter -> loss, the last record of each iter winning (a killed run logs some iters twice)."""
+    return {r['iter']: r['loss'] for r in metrics(out_dir) if 'loss' in r}
+
+
+def start(args, ranks=2):
+    """deepspeed --num_gpus <ranks> train_deepspeed.py <args>, not waited for, in a session of its own."""
+    deepspeed = os.path.join(BIN, 'deepspeed')
+    port = str(free_port())
+    cmd = [deepspeed, '--num_gpus', str(ranks), '--master_port', port, 'train_deepspeed.py', *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def ranks_of(proc):
+    """The rank processes under a started launch: the ones given --local_rank=."""
+    below = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in below if '--local_rank=' in ' '.join(p.cmdline())]
+
+
+def wait_for_iters(out_dir, n, proc, timeout=180, key='loss'):
+    """Until metrics.jsonl has n records with key ('loss': training iters, 'val_loss': evals)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(out_dir / 'metrics.jsonl') and sum(key in r for r in metrics(out_dir)) >= n:
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f'no {n} iters in {out_dir}')
+
+
+def test_sigterm_to_the_ranks_saves_and_the_resumed_run_is_exact(tmp_path, mix):
+    """SIGTERM to the ranks: each finishes its step, they save together, exit 0; resumed, the run logs the
+    losses of one that never stopped (dataset mix, dropout, gradient accumulation: every random stream is
+    restored)."""
+    args = [*TINY, f'--dataset={mix}', '--dropout=0.1', '--gradient_accumulation_steps=12', '--max_iters=24',
+            '--eval_interval=8', '--lr_decay_iters=24']
+    ok(launch([*args, f'--out_dir={tmp_path / "a"}']))
+    out = tmp_path / 'b'
+    proc = start([*args, f'--out_dir={out}'])
+    wait_for_iters(out, 4, proc)
+    for rank in ranks_of(proc):
+        rank.send_signal(signal.SIGTERM)
+    stdout = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, stdout[-3000:]
+    said = [line for line in stdout.splitlines() if line.startswith('SIGTERM: stopped after iter')]
+    assert len(said) == 1, stdout[-3000:]
+    stopped = int(said[0].split('iter ')[1].split()[0]) + 1
+    assert 4 <= stopped < 24 and (out / 'latest').read_text() == f'iter_{stopped}'
+    assert not (out / 'final').exists()
+
+    ok(launch([*args, f'--out_dir={out}', '--init_from=resume']))
+    a, b = last_losses(tmp_path / 'a'), last_losses(out)
+    assert sorted(b) == list(range(24))
+    assert max(abs(a[i] - b[i]) for i in range(24)) <= 1e-6
+    evals = [r for r in metrics(out) if 'val_loss' in r]
+    last = evals[-1]
+    names = [k for k in last if k.startswith('val_loss_')]
+    assert len(names) == 2  # each dataset's val loss, and val_loss their 3:1 weighted mean
+    backwards = next(n for n in names if 'char' not in n)
+    weighted = 0.75 * last['val_loss_shakespeare_char'] + 0.25 * last[backwards]
+    assert last['val_loss'] == pytest.approx(weighted)
+
+
+def test_ctrl_c_to_the_run_script_saves_and_exits_0(tmp_path):
+    out = tmp_path / 'out'
+    script = os.path.join(REPO, 'run_deepspeed_xl.sh')
+    cmd = [script, '--cpu-demo', '--master_port', str(free_port()), f'--out_dir={out}', '--max_iters=100000',
+           '--log_interval=1', '--dtype=float32']
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    wait_for_iters(out, 3, proc)
+    proc.send_signal(signal.SIGINT)  # to the script alone, as a terminal's Ctrl-C reaches its foreground job
+    stdout = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, stdout[-3000:]
+    tag = (out / 'latest').read_text()
+    assert f'SIGTERM: stopped after iter {int(tag[5:]) - 1} and saved {out / tag}' in stdout
+    assert f'checkpoints: {out} ({tag} is the newest' in stdout
+
+
+def test_sigterm_to_the_deepspeed_command_saves(tmp_path):
+    """kill -TERM <pid of the deepspeed command>, as a container's PID 1 or a batch system gets it:
+    DeepSpeed's runner dies of it (143) and tells no rank; the ranks see it gone, finish the step, save and
+    exit 0."""
+    out = tmp_path / 'out'
+    proc = start([*TINY, f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000'])
+    wait_for_iters(out, 3, proc)
+    below = psutil.Process(proc.pid).children(recursive=True)  # launch.py and the ranks
+    proc.send_signal(signal.SIGTERM)  # to the runner alone
+    stdout = proc.communicate(timeout=120)[0]  # the ranks hold its stdout until they exit
+    assert proc.returncode == -signal.SIGTERM, stdout[-3000:]
+    said = [line for line in stdout.splitlines() if 'stopped after iter' in line]
+    assert len(said) == 1, stdout[-3000:]
+    assert said[0].startswith('the end of the deepspeed command: stopped after iter')
+    tag = (out / 'latest').read_text()
+    assert said[0].endswith(f'saved {out / tag}; go on with --init_from=resume')
+    assert checkpoints.complete_tags(out) == [tag]
+    _, alive = psutil.wait_procs(below, timeout=20)
+    assert not alive
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    """The first step takes 5000 micro batches (half a minute or more): the first SIGTERM, sent once the eval
+    at iter 0 is logged, waits for it; a second one 3 s later ends the run at once, saving nothing."""
+    out = tmp_path / 'out'
+    proc = start([*TINY, f'--out_dir={out}', '--gradient_accumulation_steps=5000', '--max_iters=2'])
+    wait_for_iters(out, 1, proc, key='val_loss')
+    ranks = ranks_of(proc)
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
+    time.sleep(3)
+    t = time.time()
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
+    stdout = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0 and time.time() - t < 20, stdout[-3000:]
+    assert 'stopped after iter' not in stdout and not (out / 'latest').exists()

@@ -1,0 +1,36 @@
+"""A run stops before max_iters on its own in two cases. A loss that turns NaN or inf (here Adam steps of
+1e38) ends it with one error line that names the learning rate and the dtype and says 'final' is untouched:
+no checkpoint is written or changed. A val loss that has not improved for early_stop_patience evals in a row
+ends it normally: it says so, saves 'final' with the count of evals without gain, and exits 0. Real 2-rank
+DeepSpeed runs on CPU (gloo)."""
+import re
+import shutil
+
+import torch
+
+from conftest import TINY, launch, metrics, ok, one_error, snapshot
+
+
+def test_nan_stops_and_keeps_the_last_checkpoint(saved_run, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(saved_run[0], out)
+    before = snapshot(out, ignore_logs=True)
+    # Adam steps of 1e38: inf logits
+    proc = launch([*TINY, f'--out_dir={out}', '--init_from=resume', '--max_iters=20', '--eval_interval=2',
+                   '--always_save_checkpoint=True', '--learning_rate=1e38'])
+    line = one_error(proc)
+    assert line.startswith('error: loss is NaN/inf')
+    assert re.search(r'lr [\d.]+e\+3[78], float32', line) and 'final is untouched' in line
+    assert snapshot(out, ignore_logs=True) == before
+
+
+def test_early_stop_saves_final(tmp_path, mix):
+    out = tmp_path / 'out'
+    # a learning rate too small to move the weights: val loss never improves on its first value
+    args = [*TINY, f'--dataset={mix}', f'--out_dir={out}', '--max_iters=50', '--eval_interval=2',
+            '--learning_rate=1e-30', '--warmup_iters=0', '--decay_lr=False', '--early_stop_patience=2']
+    proc = ok(launch(args))
+    assert 'early stop: val loss has not improved on' in proc.stdout and 'in 2 evals' in proc.stdout
+    assert [r['iter'] for r in metrics(out) if 'val_loss' in r] == [0, 2, 4]
+    state = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
+    assert state['iter_num'] == 4 and state['evals_without_gain'] == 2
