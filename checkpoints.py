@@ -1,49 +1,106 @@
 """
-Checkpoint folders on disk, for train_deepspeed.py: which tag to resume, putting a finished save in place,
-rotation, the disk check, and checksums. DeepSpeed writes and reads the shards; this only moves folders
-around it, so that a run killed at any moment leaves `latest` naming a complete tag.
+The checkpoint folder, and the only code that knows its layout. DeepSpeed writes and reads the shards; this
+module says where, and keeps the folder such that a run killed at any moment resumes from a complete tag.
 
-A tag folder is complete when it has no '.' in its name: saves are written to <tag>.partial and renamed
-into place, an overwritten tag is parked as <tag>.old, and a rotated one is renamed <tag>.removing first.
+out_dir/
+  <tag>/            a complete checkpoint: DeepSpeed's files for each rank, checksums.json, the client state
+  <tag>.partial/    a save under way: every save is written here, then renamed to <tag>
+  <tag>.old/        an older <tag> parked while the new one is renamed in (a kill between leaves only this)
+  <tag>.removing/   a rotated tag, renamed before it is deleted
+  latest            the newest complete tag
+  meta.pkl          the run's character vocabulary (none for GPT-2 BPE)
+
+The public surface: to_resume, check_before_load and resume (train_deepspeed.py's start), save, complete_tags
+and latest_tag, keep_vocabulary, and find, load_model and vocabulary_of (export.py and sample.py).
 """
+import filecmp
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import zlib
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+import data_sources
+from model import GPT, GPTConfig
 
 CHECKSUMS = 'checksums.json'
+LATEST = 'latest'
+VOCABULARY = 'meta.pkl'
 
 
-def tag_to_resume(out_dir, resume_tag=''):
-    """(tag, folder to load). ValueError with the fix when there is nothing to resume. A kill between parking
-    an older <tag> as <tag>.old and renaming the new save into place leaves only <tag>.old: that one is used."""
-    tag = resume_tag
-    if not tag:
-        latest = os.path.join(out_dir, 'latest')
-        if not os.path.isfile(latest):
-            found = sorted(complete_tags(out_dir) if os.path.isdir(out_dir) else [],
-                           key=lambda t: (t == 'final', int(t[5:]) if re.fullmatch(r'iter_\d+', t) else -1))
-            raise ValueError(f'nothing to resume: {latest} not found; '
-                             + (f"resume a tag with --resume_tag={found[-1]} (found: {', '.join(found)})" if found else
-                                'start with --init_from=scratch or a pretrained model'))
-        with open(latest) as f:
-            tag = f.read().strip()
-    folder = loadable_folder(out_dir, tag)
-    if folder:
-        return tag, folder
-    found = ', '.join(complete_tags(out_dir)) if os.path.isdir(out_dir) else ''
-    raise ValueError(f'no checkpoint at {os.path.join(out_dir, tag)}: name an existing tag with --resume_tag'
-                     + (f' ({found})' if found else f' (there is none in {out_dir})'))
+# -----------------------------------------------------------------------------
+# the layout: which folders are tags, which files are whose
+
+def shard_files(folder):
+    """DeepSpeed's files in a tag folder. ZeRO 0-2 write mp_rank_00_model_states.pt (weights and client state)
+    and, for ZeRO 1-2, zero_pp_rank_<r>_mp_rank_00_optim_states.pt per rank; ZeRO-3 writes both per rank."""
+    return sorted(f for f in os.listdir(folder) if f.endswith('.pt')) if os.path.isdir(folder) else []
+
+
+def model_states_file(folder):
+    """The path of the file that holds the client state (rank 0's model states), or None."""
+    states = [f for f in shard_files(folder) if f.endswith('model_states.pt')]
+    return os.path.join(folder, states[0]) if states else None
+
+
+def owned_by(name, rank):
+    """The rank that wrote a file: DeepSpeed names each rank's files zero_pp_rank_<r>_...; rank 0 the rest."""
+    match = re.search(r'zero_pp_rank_(\d+)_', name)
+    return (int(match.group(1)) if match else 0) == rank
+
+
+def files_of_rank(folder, rank):
+    return [f for f in shard_files(folder) if owned_by(f, rank)]
+
+
+def complete_tags(out_dir):
+    """The tags a run can resume from: folders with shards and no '.' (not .partial, .old or .removing)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(d for d in os.listdir(out_dir) if '.' not in d and shard_files(os.path.join(out_dir, d)))
+
+
+def latest_tag(out_dir):
+    """The tag out_dir/latest names, or None."""
+    path = os.path.join(out_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
 
 
 def loadable_folder(out_dir, tag):
-    """<tag>, or <tag>.old when a kill landed between parking the older save and renaming the new one in; None."""
-    return next((f for f in (tag, tag + '.old') if shard_files(os.path.join(out_dir, f))), None)
+    """<tag>, or <tag>.old when a kill came between parking the older save and renaming the new one in."""
+    for folder in (tag, tag + '.old'):
+        if shard_files(os.path.join(out_dir, folder)):
+            return folder
+    return None
+
+
+def newest_last(tag):
+    """Sort key: other names, then iter_<n> by n, then 'final'."""
+    numbered = re.fullmatch(r'iter_(\d+)', tag)
+    return (tag == 'final', int(numbered.group(1)) if numbered else -1)
+
+
+def iter_tags_by_age(out_dir):
+    """(iter number, tag) of the iter_<n> tags, oldest first."""
+    numbered = [(int(m.group(1)), d) for d in complete_tags(out_dir) if (m := re.fullmatch(r'iter_(\d+)', d))]
+    return sorted(numbered)
+
+
+def check_writable(out_dir):
+    """ValueError with the fix when out_dir cannot be made or written: found before anything is trained."""
+    writable = existing_ancestor(out_dir)
+    if not os.path.isdir(writable) or not os.access(writable, os.W_OK | os.X_OK):
+        raise ValueError(f'out_dir={out_dir} cannot be written ({writable} is not a writable folder): use '
+                         f'another --out_dir')
 
 
 def existing_ancestor(path):
@@ -54,34 +111,166 @@ def existing_ancestor(path):
     return path
 
 
-def shard_files(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith('.pt')) if os.path.isdir(folder) else []
+# -----------------------------------------------------------------------------
+# resume: to_resume (files only, before the process group), check_before_load, resume (after the engine)
+
+def to_resume(out_dir, resume_tag=''):
+    """What the trainer needs before it builds the engine: {tag, folder (the folder name to load: <tag> or
+    <tag>.old), dir, model_args, world_size, stage, dtype, universal}. ValueError with the fix when there is
+    nothing to resume. Reads only the small client state (mmap), not the weights."""
+    tag = resume_tag or latest_tag(out_dir)
+    if not tag:
+        found = sorted(complete_tags(out_dir), key=newest_last)
+        hint = 'start with --init_from=scratch or a pretrained model'
+        if found:
+            hint = f"resume a tag with --resume_tag={found[-1]} (found: {', '.join(found)})"
+        raise ValueError(f'nothing to resume: {os.path.join(out_dir, LATEST)} not found; {hint}')
+    folder = loadable_folder(out_dir, tag)
+    if not folder:
+        found = ', '.join(complete_tags(out_dir))
+        listing = f' ({found})' if found else f' (there is none in {out_dir})'
+        raise ValueError(f'no checkpoint at {os.path.join(out_dir, tag)}: name an existing tag with '
+                         f'--resume_tag{listing}')
+    tag_dir = os.path.join(out_dir, folder)
+    saved = read_client_state(tag_dir)
+    return dict(tag=tag, folder=folder, dir=tag_dir, model_args=saved['model_args'],
+                world_size=saved['dp_world_size'], stage=zero_stage(saved),
+                dtype=saved.get('config', {}).get('dtype'), universal=is_universal(tag_dir))
 
 
-def complete_tags(out_dir):
-    return sorted(d for d in os.listdir(out_dir) if '.' not in d and shard_files(os.path.join(out_dir, d)))
-
-
-def read_saved(folder):
-    """What the trainer needs before building the engine: the model shape, the saved world size and ZeRO stage,
-    and whether ds_to_universal made the folder. Reads only the small client state (mmap), not the weights."""
-    states = sorted(f for f in shard_files(folder) if f.endswith('model_states.pt'))
-    path = os.path.join(folder, states[0]) if states else folder
+def read_client_state(tag_dir):
+    """The model-states file of a tag: DeepSpeed's own keys and the client state the trainer saved, its
+    weights memory-mapped. ValueError naming the file when it cannot be read."""
+    path = model_states_file(tag_dir) or tag_dir
     try:
-        saved = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
-        return dict(model_args=saved['model_args'], world_size=saved['dp_world_size'],
-                    dtype=saved.get('config', {}).get('dtype'),
-                    stage=saved['ds_config'].get('zero_optimization', {}).get('stage', 0),
-                    universal=os.path.isdir(os.path.join(folder, 'zero')))
+        return torch.load(path, map_location='cpu', mmap=True, weights_only=False)
     except Exception as e:  # truncated, overwritten, not ours: say which file, not a stack trace
-        raise ValueError(f'{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}): the checkpoint '
-                         f'is damaged or incomplete; resume from another tag with --resume_tag') from None
+        reason = str(e).splitlines()[0][:120] if str(e) else ''
+        raise ValueError(f'{path} cannot be read ({type(e).__name__}: {reason}): the checkpoint is damaged '
+                         f'or incomplete; resume from another tag with --resume_tag') from None
 
 
-def owned_by(name, rank):
-    """The rank that checksums a file: DeepSpeed names each rank's zero_pp_rank_<r>_...; rank 0 takes the rest."""
-    match = re.search(r'zero_pp_rank_(\d+)_', name)
-    return (int(match.group(1)) if match else 0) == rank
+def zero_stage(client_state):
+    return client_state['ds_config'].get('zero_optimization', {}).get('stage', 0)
+
+
+def is_universal(tag_dir):
+    """Whether ds_to_universal made the folder: one fp32 file per parameter under zero/, any world size."""
+    return os.path.isdir(os.path.join(tag_dir, 'zero'))
+
+
+def check_before_load(saved, ds_config, world_size):
+    """Collective, after the process group starts: every rank checks its own files against the checksums of
+    the save, and a universal checkpoint is loaded as one. ValueError (on every rank) when the checkpoint is
+    damaged, or holds ZeRO shards for another number of ranks (with the command that converts it)."""
+    problems = [None] * world_size
+    dist.all_gather_object(problems, verify_own_files(saved['dir'], dist.get_rank()))
+    found = [p for p in problems if p]
+    if found:
+        others = ', '.join(t for t in complete_tags(os.path.dirname(saved['dir'])) if t != saved['folder'])
+        raise ValueError(f'{found[0]}: the checkpoint is damaged; resume from another tag with --resume_tag '
+                         f"({others or 'there is none'})")
+    if saved['universal']:
+        ds_config['checkpoint'] = {**ds_config.get('checkpoint', {}), 'load_universal': True}
+        return
+    if saved['stage'] > 0 and saved['world_size'] != world_size:
+        tag_dir = saved['dir']
+        raise ValueError(
+            f"{tag_dir} holds ZeRO-{saved['stage']} shards for {saved['world_size']} ranks, this run has "
+            f'{world_size}: convert it once with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal '
+            f'--inject_missing_state --input_folder {tag_dir} --output_folder {tag_dir}_universal` and '
+            f"resume with --resume_tag={saved['tag']}_universal")
+
+
+def resume(engine, saved, batch_rng, seed):
+    """Load the checkpoint into the engine and continue this rank's random streams. Returns (client state, a
+    note for rank 0 to print or ''). ValueError when DeepSpeed cannot load this rank's files: this rank alone
+    may know it."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        load_path, client = engine.load_checkpoint(os.path.dirname(saved['dir']), tag=saved['folder'])
+    except Exception as e:  # this rank's shard; the launcher stops the others
+        load_path, reason = None, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    else:
+        reason = 'nothing found'  # DeepSpeed returns (None, None) for a folder it finds nothing in
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load {saved['dir']} on rank {rank} ({reason}): resume from "
+                         f'another tag with --resume_tag')
+    saved_ranks = len(client['rng_states'])
+    if saved_ranks == world_size:  # every rank continues its own random streams
+        restore_rng_streams(client['rng_states'][rank], batch_rng)
+        return client, ''
+    # fresh streams, new to each rank: continuing, but not what an unbroken run would have drawn
+    iter_num = client['iter_num']
+    batch_rng.bit_generator.state = np.random.default_rng([seed, rank, iter_num]).bit_generator.state
+    torch.manual_seed(seed + rank + 1000 * iter_num)
+    return client, (f'note: {saved_ranks} ranks saved this checkpoint, {world_size} resume it: the weights '
+                    f'and optimizer carry over, the batch order starts afresh')
+
+
+def rng_streams(batch_rng):
+    """This rank's random streams, saved in every checkpoint: a resumed run draws what an unbroken one did."""
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            'batch': batch_rng.bit_generator.state}
+
+
+def restore_rng_streams(streams, batch_rng):
+    random.setstate(streams['python'])
+    np.random.set_state(streams['numpy'])
+    torch.set_rng_state(streams['torch'])
+    if torch.cuda.is_available() and streams.get('cuda') is not None:
+        torch.cuda.set_rng_state(streams['cuda'])
+    batch_rng.bit_generator.state = streams['batch']
+
+
+# -----------------------------------------------------------------------------
+# save
+
+def save(engine, out_dir, tag, client_state, batch_rng, keep_last_n, keep, min_free_disk_mb):
+    """Collective: every rank writes its shards and their checksums into <tag>.partial, rank 0 also the client
+    state with every rank's random streams; then rank 0 (and the first rank of a node with a disk of its own)
+    swaps it in for an older <tag>, points 'latest' at it and removes the iter_* tags beyond keep_last_n,
+    never one in keep. A kill at any moment, or a save by another number of ranks over an older tag, leaves
+    'latest' naming a complete folder. Returns the removed tags (rank 0). ValueError on every rank, before
+    anything is written, when a node's disk has no room for it."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    first_on_node = int(os.environ.get('LOCAL_RANK', '0')) == 0
+    shortfall = ''
+    if first_on_node:
+        shortfall = disk_shortfall(out_dir, engine_params(engine), engine_dtype(engine), min_free_disk_mb)
+    gathered = [None] * world_size  # every rank's random streams, each node's free disk
+    dist.all_gather_object(gathered, (rng_streams(batch_rng), shortfall))
+    shortfalls = [short for _, short in gathered if short]
+    if shortfalls:
+        raise ValueError(shortfalls[0])
+    client = {**client_state, 'rng_states': [streams for streams, _ in gathered]}
+    tag_dir, partial = os.path.join(out_dir, tag), os.path.join(out_dir, tag + '.partial')
+    if first_on_node and os.path.isdir(partial):
+        shutil.rmtree(partial, ignore_errors=True)  # the remains of a killed save
+    dist.barrier()
+    engine.save_checkpoint(out_dir, tag=tag + '.partial', client_state=client, save_latest=False)
+    sums = [None] * world_size  # also the barrier: every shard is written before anyone moves the folder
+    dist.all_gather_object(sums, checksum_own_files(partial, rank))
+    removed = []
+    if rank == 0:
+        removed = put_in_place(partial, tag_dir, sums, keep_last_n, keep)
+    dist.barrier()
+    if first_on_node and os.path.isdir(partial):  # a node whose out_dir is its own disk, not rank 0's
+        put_in_place(partial, tag_dir, sums, keep_last_n, keep)
+    dist.barrier()  # nobody reads or writes out_dir/<tag> before it is in place
+    return removed
+
+
+def engine_params(engine):
+    """The model's parameter count, also under ZeRO-3 (whose parameters hold only a partition: ds_numel)."""
+    return sum(getattr(p, 'ds_numel', p.numel()) for p in engine.module.parameters())
+
+
+def engine_dtype(engine):
+    if engine.bfloat16_enabled():
+        return 'bfloat16'
+    return 'float16' if engine.fp16_enabled() else 'float32'
 
 
 def crc32_of(path, chunk_bytes=64 << 20):
@@ -96,13 +285,11 @@ def checksum_own_files(folder, rank):
     """{file: [bytes, crc32]} for this rank's files. torch.load reads a flipped byte inside a tensor without
     complaint (a zip's CRC is not checked), so the save records one, each rank its own share, while the file
     is still in the page cache."""
-    return {f: [os.path.getsize(os.path.join(folder, f)), crc32_of(os.path.join(folder, f))]
-            for f in shard_files(folder) if owned_by(f, rank)}
-
-
-def write_checksums(folder, sums):
-    with open(os.path.join(folder, CHECKSUMS), 'w') as f:
-        json.dump(sums, f, indent=0, sort_keys=True)
+    sums = {}
+    for name in files_of_rank(folder, rank):
+        path = os.path.join(folder, name)
+        sums[name] = [os.path.getsize(path), crc32_of(path)]
+    return sums
 
 
 def verify_own_files(folder, rank):
@@ -125,40 +312,45 @@ def verify_own_files(folder, rank):
     return ''
 
 
-def swap_in(partial, tag_dir):
-    """Put a finished save in place of an older one of its tag, then point 'latest' at it, each step a rename.
-    A kill between the first two renames leaves <tag>.old alone, which tag_to_resume falls back on."""
-    if os.path.isdir(tag_dir):
-        shutil.rmtree(tag_dir + '.old', ignore_errors=True)  # a kill while removing it left some: <tag> is complete
-        os.replace(tag_dir, tag_dir + '.old')
-    os.replace(partial, tag_dir)
-    shutil.rmtree(tag_dir + '.old', ignore_errors=True)
-    out_dir = os.path.dirname(tag_dir)
-    with open(os.path.join(out_dir, 'latest.tmp'), 'w') as f:
-        f.write(os.path.basename(tag_dir))
-    os.replace(os.path.join(out_dir, 'latest.tmp'), os.path.join(out_dir, 'latest'))
-
-
 def put_in_place(partial, tag_dir, sums, keep_last_n, keep):
-    """A finished save: its checksums (every rank's share), the swap, then the rotation. Returns the removed tags."""
-    write_checksums(partial, {name: crc for rank_sums in sums for name, crc in rank_sums.items()})
+    """A finished save: its checksums (every rank's share), the swap, the rotation. Returns removed tags."""
+    every_file = {name: crc for rank_sums in sums for name, crc in rank_sums.items()}
+    with open(os.path.join(partial, CHECKSUMS), 'w') as f:
+        json.dump(every_file, f, indent=0, sort_keys=True)
     swap_in(partial, tag_dir)
     return rotate(os.path.dirname(tag_dir), keep_last_n, keep)
 
 
+def swap_in(partial, tag_dir):
+    """Put a finished save in place of an older one of its tag, then point 'latest' at it, each step a rename.
+    A kill between the first two renames leaves <tag>.old alone, which to_resume falls back on."""
+    if os.path.isdir(tag_dir):
+        # a kill while removing <tag>.old left some of it: <tag> is complete
+        shutil.rmtree(tag_dir + '.old', ignore_errors=True)
+        os.replace(tag_dir, tag_dir + '.old')
+    os.replace(partial, tag_dir)
+    shutil.rmtree(tag_dir + '.old', ignore_errors=True)
+    out_dir = os.path.dirname(tag_dir)
+    with open(os.path.join(out_dir, LATEST + '.tmp'), 'w') as f:
+        f.write(os.path.basename(tag_dir))
+    os.replace(os.path.join(out_dir, LATEST + '.tmp'), os.path.join(out_dir, LATEST))
+
+
 def rotate(out_dir, keep_last_n, keep):
-    """Remove iter_<n> tags beyond the newest keep_last_n, never one named in keep (the best, the one just saved);
-    'final' and any other name are not iter_<n> and so never removed. Returns the removed tags."""
-    iters = sorted((int(m.group(1)), d) for d in complete_tags(out_dir) if (m := re.fullmatch(r'iter_(\d+)', d)))
-    doomed = [d for _, d in iters[:-keep_last_n] if d not in keep]
-    for d in doomed:  # renamed first: a kill mid-delete leaves no half-folder that looks like a tag
-        os.replace(os.path.join(out_dir, d), os.path.join(out_dir, d + '.removing'))
-        shutil.rmtree(os.path.join(out_dir, d + '.removing'), ignore_errors=True)
+    """Remove iter_<n> tags beyond the newest keep_last_n, never one named in keep (the best, the one just
+    saved); 'final' and any other name are not iter_<n> and so never removed. Returns the removed tags."""
+    by_age = [tag for _, tag in iter_tags_by_age(out_dir)]
+    doomed = [tag for tag in by_age[:-keep_last_n] if tag not in keep]
+    for tag in doomed:  # renamed first: a kill mid-delete leaves no half-folder that looks like a tag
+        os.replace(os.path.join(out_dir, tag), os.path.join(out_dir, tag + '.removing'))
+        shutil.rmtree(os.path.join(out_dir, tag + '.removing'), ignore_errors=True)
     return doomed
 
 
 def folder_bytes(folder):
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) if os.path.isdir(folder) else 0
+    if not os.path.isdir(folder):
+        return 0
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
 def size(n_bytes):
@@ -173,33 +365,120 @@ def checkpoint_bytes(n_params, dtype):
 
 
 def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
-    """'' when out_dir's disk has room for one more checkpoint plus min_free_disk_mb, else the line that says so.
-    The need is the newest checkpoint's size, before the first save checkpoint_bytes."""
-    latest = os.path.join(out_dir, 'latest')
-    need = 0
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            need = folder_bytes(os.path.join(out_dir, f.read().strip()))
+    """'' when out_dir's disk has room for one more checkpoint plus min_free_disk_mb, else the line that says
+    so. The need is the newest checkpoint's size, before the first save checkpoint_bytes."""
+    newest = latest_tag(out_dir)
+    need = folder_bytes(os.path.join(out_dir, newest)) if newest else 0
     need = need or checkpoint_bytes(n_params, dtype)
-    free = shutil.disk_usage(existing_ancestor(out_dir)).free  # a node with its own disk may not have made it yet
+    # a node with its own disk may not have made out_dir yet
+    free = shutil.disk_usage(existing_ancestor(out_dir)).free
     if free - need >= min_free_disk_mb * 2**20:
         return ''
     return (f'{out_dir} has {size(free)} free, a checkpoint needs about {size(need)} plus '
-            f'min_free_disk_mb={min_free_disk_mb}: stopped before writing it; free space (or lower --keep_last_n) '
-            f'and resume with --init_from=resume')
+            f'min_free_disk_mb={min_free_disk_mb}: stopped before writing it; free space (or lower '
+            f'--keep_last_n) and resume with --init_from=resume')
 
 
-def rng_streams(batch_rng):
-    """This rank's random streams, saved in every checkpoint: a resumed run draws what an unbroken one would."""
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            'batch': batch_rng.bit_generator.state}
+def keep_vocabulary(out_dir, meta_path):
+    """Copy the dataset's meta.pkl into out_dir: the vocabulary travels with the run, for sample/export."""
+    if not os.path.exists(meta_path):
+        return  # GPT-2 BPE: nothing to keep
+    kept = os.path.join(out_dir, VOCABULARY)
+    if os.path.exists(kept) and filecmp.cmp(meta_path, kept, shallow=False):
+        return
+    shutil.copyfile(meta_path, kept)
 
 
-def restore_rng_streams(streams, batch_rng):
-    random.setstate(streams['python'])
-    np.random.set_state(streams['numpy'])
-    torch.set_rng_state(streams['torch'])
-    if torch.cuda.is_available() and streams.get('cuda') is not None:
-        torch.cuda.set_rng_state(streams['cuda'])
-    batch_rng.bit_generator.state = streams['batch']
+# -----------------------------------------------------------------------------
+# reading a checkpoint back, for export.py and sample.py: one process, no launcher
+
+def find(out_dir, tag=''):
+    """(out_dir, folder) of a saved checkpoint: tag, or the one 'latest' names (its .old after a kill
+    mid-swap). A tag folder given as out_dir is understood (pointing one level too deep is the classic
+    zero_to_fp32 mistake, DeepSpeed#1793). ValueError with what exists when there is none."""
+    if not os.path.isdir(out_dir):
+        raise ValueError(f'{out_dir} not found: --out_dir is the folder the run saved into')
+    if not tag and model_states_file(out_dir):
+        out_dir, tag = os.path.split(os.path.abspath(out_dir))
+    found = ', '.join(complete_tags(out_dir)) or 'none'
+    tag = tag or latest_tag(out_dir)
+    if not tag:
+        raise ValueError(f"{out_dir} has no '{LATEST}' file: name a checkpoint with --tag (found: {found})")
+    folder = loadable_folder(out_dir, tag)
+    if not folder:
+        raise ValueError(f"no checkpoint '{tag}' in {out_dir}: its checkpoints are {found}")
+    return out_dir, folder
+
+
+def load_model(out_dir, folder):
+    """(the model in fp32 on CPU, the client state saved with it: model_args, config, iter_num, ...). Any ZeRO
+    stage, any number of ranks, fp32/bf16/fp16 runs; ZeRO 1-3 shards are merged by DeepSpeed's own
+    zero_to_fp32, which reads the fp32 master weights, not the 16-bit working copies."""
+    tag_dir = os.path.join(out_dir, folder)
+    saved = read_client_state(tag_dir)
+    if 'model_args' not in saved:
+        raise ValueError(f'{tag_dir} was not saved by train_deepspeed.py (no model_args in it)')
+    model = GPT(GPTConfig(**saved['model_args']))
+    if is_universal(tag_dir):
+        state_dict = universal_state_dict(tag_dir, model)
+    elif zero_stage(saved) == 0:
+        state_dict = stage0_state_dict(saved, model)
+    else:
+        os.environ.setdefault('DS_ACCELERATOR', 'cuda' if torch.cuda.is_available() else 'cpu')
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(out_dir, folder)
+    # lm_head and wte are one tensor; a state dict that names it once (DeepSpeed#1896) must still load
+    state_dict.setdefault('lm_head.weight', state_dict['transformer.wte.weight'])
+    state_dict.setdefault('transformer.wte.weight', state_dict['lm_head.weight'])
+    if not torch.equal(state_dict['lm_head.weight'], state_dict['transformer.wte.weight']):
+        raise ValueError(f'{tag_dir}: the tied lm_head and wte weights differ, the checkpoint is '
+                         f'inconsistent')
+    model.load_state_dict(state_dict, strict=True)  # any missing or unexpected key raises here
+    client = {k: saved[k] for k in ('model_args', 'config', 'iter_num', 'best_val_loss') if k in saved}
+    return model.eval(), client
+
+
+def universal_state_dict(tag_dir, model):
+    """ds_to_universal's layout: zero/<parameter name>/fp32.pt, flat."""
+    state_dict = {}
+    for name, tensor in model.state_dict().items():
+        path = os.path.join(tag_dir, 'zero', name, 'fp32.pt')
+        if os.path.isfile(path):
+            state_dict[name] = torch.load(path, map_location='cpu', weights_only=True).view(tensor.shape)
+    return state_dict
+
+
+def stage0_state_dict(saved, model):
+    """zero_to_fp32 does not read stage 0 (no shards: one file holds everything). fp32 runs keep their weights
+    in 'module'; 16-bit runs keep fp32 masters in the optimizer, group by group in configure_optimizers'
+    order."""
+    module = saved['module']
+    # lm_head is tied to wte: load_model fills it in
+    state_dict = {k: v.float() for k, v in module.items() if k != 'lm_head.weight'}
+    masters = (saved.get('optimizer') or {}).get('fp32_groups')
+    if not masters:
+        return state_dict
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = model.configure_optimizers(0.0, 0.0, (0.9, 0.95)).param_groups  # the grouping the run used
+    pairs = [(names[id(p)], w) for group, ws in zip(groups, masters) for p, w in zip(group['params'], ws)]
+    every_one = len(pairs) == len(names)
+    same_values = all(torch.equal(w.to(module[n].dtype), module[n]) for n, w in pairs)
+    if not every_one or not same_values:
+        raise ValueError('the fp32 master weights do not line up with the model: configure_optimizers has '
+                         'changed since this checkpoint was saved')
+    state_dict.update((n, w.float()) for n, w in pairs)
+    return state_dict
+
+
+def vocabulary_of(out_dir, client):
+    """The run's meta.pkl (character vocabulary): the copy in out_dir, else its dataset's (a mix shares one
+    vocabulary: its first dataset's); None for GPT-2 BPE."""
+    dataset = client.get('config', {}).get('dataset')
+    if not dataset:
+        return None
+    kept = os.path.join(out_dir, VOCABULARY)
+    if os.path.isfile(kept):
+        return kept
+    first = next(iter(dataset)) if isinstance(dataset, dict) else dataset
+    path = os.path.join(data_sources.folder(first), VOCABULARY)
+    return path if os.path.isfile(path) else None

@@ -144,4 +144,5 @@ else
   while kill -0 "$ds" 2>/dev/null; do rc=0; wait "$ds" || rc=$?; done  # a trapped signal ends a wait early
   [ "$rc" = 0 ] || exit "$rc"
 fi
-echo "checkpoints: $out_dir ($(cat "$out_dir/latest" 2>/dev/null || echo none) is the newest; resume with --init_from=resume)"
+newest=$(python -c "import checkpoints, sys; print(checkpoints.latest_tag(sys.argv[1]) or 'none')" "$out_dir")
+echo "checkpoints: $out_dir ($newest is the newest; resume with --init_from=resume)"

@@ -3,7 +3,7 @@ Sample from a trained model, as nanoGPT's sample.py does. One process: no launch
 $ python sample.py --out_dir=out-shakespeare-char-cpu             # a run's newest checkpoint, any ZeRO stage
 $ python sample.py --out_dir=out-shakespeare-char-cpu --tag=iter_500
 $ python sample.py --init_from=gpt2-xl-shakespeare                 # what export.py wrote (or its ckpt.pt)
-$ python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt"   # OpenAI's weights, or any transformers folder
+$ python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt"   # OpenAI's weights, a transformers folder
 """
 import os
 import sys
@@ -14,7 +14,8 @@ import torch
 from model import GPT, GPTConfig, is_pretrained_source
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (out_dir's checkpoint), an export folder or ckpt.pt, 'gpt2'...'gpt2-xl', a transformers folder
+# 'resume' (out_dir's checkpoint), an export folder or its ckpt.pt, 'gpt2'...'gpt2-xl', a transformers folder
+init_from = 'resume'
 out_dir = 'out-shakespeare-xl-deepspeed'  # with init_from='resume'
 tag = ''  # with init_from='resume': e.g. 'iter_10'; empty: the one out_dir/latest names
 start = '\n'  # the prompt, or 'FILE:path' to read it from a file; empty: <|endoftext|> (GPT-2 BPE only)
@@ -24,30 +25,35 @@ temperature = 0.8  # 1.0 samples the model's distribution; lower is more predict
 top_k = 200  # sample among the top_k most likely tokens; 0: all of them
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
+# 'float32', 'bfloat16' or 'float16'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
 configure(globals())
-from export import consolidate, find_checkpoint, find_vocab  # noqa: E402
+import checkpoints  # noqa: E402
+from ds_setup import die  # noqa: E402
 from tokenizer import EOT_TOKEN, load_codec  # noqa: E402
 
 if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"error: dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+    die(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
 if device.startswith('cuda') and not torch.cuda.is_available():
-    raise SystemExit(f'error: device={device!r} but no GPU is visible: use --device=cpu')
+    die(f'device={device!r} but no GPU is visible: use --device=cpu')
 
 meta_path = None
 if init_from == 'resume':  # consolidate the ZeRO shards in memory, exactly as export.py does
-    out_dir, tag = find_checkpoint(out_dir, tag)
-    with redirect_stdout(sys.stderr):  # zero_to_fp32's progress lines; stdout carries only the samples
-        model, client = consolidate(out_dir, tag)
-    meta_path = find_vocab(out_dir, client)
+    try:
+        out_dir, tag = checkpoints.find(out_dir, tag)
+        with redirect_stdout(sys.stderr):  # zero_to_fp32's progress lines; stdout carries only the samples
+            model, client = checkpoints.load_model(out_dir, tag)
+    except ValueError as e:
+        die(str(e))
+    meta_path = checkpoints.vocabulary_of(out_dir, client)
     source = f"{out_dir}/{tag} (iter {client.get('iter_num')})"
 elif init_from.endswith('.pt') or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
     path = init_from if init_from.endswith('.pt') else os.path.join(init_from, 'ckpt.pt')
     if not os.path.isfile(path):
-        raise SystemExit(f'error: {path} not found: pass a file written by export.py')
+        die(f'{path} not found: pass a file written by export.py')
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     model = GPT(GPTConfig(**checkpoint['model_args']))
     model.load_state_dict(checkpoint['model'])
@@ -58,8 +64,8 @@ elif is_pretrained_source(init_from):
     meta_path = os.path.join(init_from, 'meta.pkl')
     source = init_from
 else:
-    raise SystemExit(f"error: init_from={init_from!r} is not 'resume', an export folder or .pt file, a GPT-2 name "
-                     f'nor a folder with a transformers config.json')
+    die(f"init_from={init_from!r} is not 'resume', an export folder or .pt file, a GPT-2 name nor a folder "
+        f'with a transformers config.json')
 
 encode, decode = load_codec(meta_path)
 gpt2_bpe = not os.path.isfile(meta_path or '')
@@ -69,9 +75,9 @@ if start.startswith('FILE:'):
 try:
     start_ids = encode(start) or ([EOT_TOKEN] if gpt2_bpe else [])
 except ValueError as e:
-    raise SystemExit(f'error: --start: {e}')
+    die(f'--start: {e}')
 if not start_ids:
-    raise SystemExit('error: --start is empty: a character-level model needs at least one character to start from')
+    die('--start is empty: a character-level model needs at least one character to start from')
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
+import checkpoints
+
 from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, one_error
 from conftest import run, tiny_hf
-from export import consolidate
 from model import GPT, GPTConfig
 
 
@@ -94,9 +95,7 @@ def test_export_any_stage(tmp_path, stage, dtype):
     else:  # the run evaluated its bf16 copy; the export holds the fp32 masters, which round to that copy
         assert abs(got['val'] - final['val_loss']) <= 2e-2
         if stage == 0:
-            state = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu',
-                               weights_only=False)
-            module = state['module']
+            module = checkpoints.read_client_state(str(out / 'final'))['module']
             assert all(torch.equal(ckpt['model'][k].bfloat16(), v) for k, v in module.items())
 
     # (b) the transformers folder: loads with nothing missing or left over, and computes the same logits
@@ -169,11 +168,12 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     proc = ok(launch([*resume, '--resume_tag=final_universal', '--eval_only=True'], ranks=1))
     said = re.search(r'rank 0 of 1 has train loss (\S+), val loss (\S+)', proc.stdout)
     train, val = map(float, said.groups())
-    expected = expected_eval(consolidate(str(out), 'final')[0], ranks=1)
+    expected = expected_eval(checkpoints.load_model(str(out), 'final')[0], ranks=1)
     assert abs(train - expected['train']) <= 1e-5 and abs(val - expected['val']) <= 1e-5
 
     (out / 'final.partial').mkdir()  # the remains of a save killed half-way: cleared, never mixed in
-    (out / 'final.partial' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt').write_text('junk')
+    rank_1_file = checkpoints.files_of_rank(str(out / 'final'), 1)[0]
+    (out / 'final.partial' / rank_1_file).write_text('junk')
     proc = ok(launch([*resume, '--resume_tag=final_universal', '--max_iters=6', '--eval_interval=2'],
                      ranks=1))
     assert not (out / 'final.partial').exists() and not (out / 'final.old').exists()
@@ -181,10 +181,10 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     evals = [r for r in metrics(out) if 'val_loss' in r]
     assert evals[-1]['iter'] == 6 and evals[-1]['val_loss'] < evals[-2]['val_loss']
     # the new final is one rank's checkpoint throughout: no shard of the 2-rank save is left in it
-    assert sorted(os.listdir(out / 'final')) == ['checksums.json',
-                                                 'zero_pp_rank_0_mp_rank_00_model_states.pt',
-                                                 'zero_pp_rank_0_mp_rank_00_optim_states.pt']
-    assert (out / 'latest').read_text() == 'final'
+    one_rank = checkpoints.files_of_rank(str(out / 'final'), 0)  # ZeRO-3: its model and optimizer states
+    assert len(one_rank) == 2 and not checkpoints.files_of_rank(str(out / 'final'), 1)
+    assert sorted(os.listdir(out / 'final')) == sorted([checkpoints.CHECKSUMS, *one_rank])
+    assert checkpoints.latest_tag(str(out)) == 'final'
 
 
 def test_gpt2_bpe_run_exports_a_tokenizer_and_samples(tmp_path):
