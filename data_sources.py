@@ -76,8 +76,14 @@ def describe(vocab):
 
 
 def check_token_ids(sources, vocab_size, chunks=64, chunk_tokens=16384):
-    """Every id must be < vocab_size, or the embedding lookup fails deep in a run (or silently on some GPUs).
-    Reads up to chunks x chunk_tokens ids spread over each file, not the whole file."""
+    """Every id must be < vocab_size, or the embedding lookup fails deep in a run (or silently on some GPUs):
+    first the vocabulary's size (meta.pkl), then up to chunks x chunk_tokens ids spread over each file, not
+    the whole file."""
+    first_folder = next(iter(sources.values()))[0] if sources else ''
+    meta = read_meta(os.path.join(first_folder, 'meta.pkl'))  # a mix shares one vocabulary
+    if meta and meta['vocab_size'] > vocab_size:
+        names = ', '.join(sources)
+        raise ValueError(f"{names} has {meta['vocab_size']} token ids, the model only {vocab_size}")
     for where, _ in sources.values():
         for split in ('train', 'val'):
             path = os.path.join(where, f'{split}.bin')

@@ -4,6 +4,7 @@ share of the cores, resolving the JSON config against the script's constants, th
 computes well, starting the process group with two fixes for DeepSpeed's CPU backend, and the one way a run
 stops on a user error.
 """
+import contextlib
 import json
 import os
 import signal
@@ -38,6 +39,16 @@ def die(msg, alone=False, exit_code=1):
     os._exit(exit_code)
 
 
+@contextlib.contextmanager
+def user_errors(alone=False):
+    """Inside, a ValueError -- what the helpers raise for bad input, the fix in its message -- stops the
+    process through die(): the one way a command stops on a user error."""
+    try:
+        yield
+    except ValueError as e:
+        die(str(e), alone=alone)
+
+
 def cpu_bf16_native():
     """Whether this CPU has bf16 kernels (AVX512-BF16 or AMX, as oneDNN sees it). Where it has not, torch
     emulates bf16, about 60x slower than fp32 (an AVX2 EPYC: 1.2 vs 74 GFLOP/s). ONEDNN_MAX_CPU_ISA=AVX2
@@ -62,7 +73,8 @@ def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=Fa
         return 'float16', f'the GPU has compute capability {gpu_major}.x, before bf16 (8.0, Ampere)'
     if not bf16_native:
         capability = torch.backends.cpu.get_cpu_capability()
-        return 'float32', f'this CPU ({capability}) has no bf16 kernels: bf16 would be emulated, 10-60x slower'
+        why = f'this CPU ({capability}) has no bf16 kernels: bf16 would be emulated, 10-60x slower'
+        return 'float32', why
     speed = f"a block of this model runs {bf16_speedup:.2f}x as fast in bf16 as in fp32 on this CPU"
     if bf16_speedup >= BF16_PAYS_FROM:
         return 'bfloat16', speed
@@ -72,11 +84,11 @@ def choose_dtype(dtype, on_gpu, gpu_major=0, bf16_native=False, planning_gpus=Fa
 
 
 def bf16_speedup(shape, micro_batch, collective):
-    """How much faster one transformer block of the model's shape (model.GPTConfig) runs forward and backward in
-    bf16 than in fp32 on this CPU. A block, not a matmul: the demo's small model has a bf16 matmul 5x faster
-    than fp32's on a Xeon with AMX, and a block 0.73x as fast (its layer norms, softmax and conversions). The
-    micro batch is cut to about 2e10 FLOPs, so gpt2-xl's block takes a second, not ten. Collective (every
-    rank times, all take the mean) so that every rank picks the same dtype."""
+    """How much faster one transformer block of the model's shape (model.GPTConfig) runs forward and backward
+    in bf16 than in fp32 on this CPU. A block, not a matmul: the demo's small model has a bf16 matmul 5x
+    faster than fp32's on a Xeon with AMX, and a block 0.73x as fast (its layer norms, softmax and
+    conversions). The micro batch is cut to about 2e10 FLOPs, so gpt2-xl's block takes a second, not ten.
+    Collective (every rank times, all take the mean) so that every rank picks the same dtype."""
     flops_per_token = 6 * 12 * shape.n_embd ** 2  # forward and backward of a block's four matmuls
     tokens = min(micro_batch * shape.block_size, max(64, int(2e10 / flops_per_token)))
     seq_len = min(shape.block_size, tokens)
@@ -99,6 +111,34 @@ def bf16_speedup(shape, micro_batch, collective):
     return (speeds[0] / speeds[1]).item()
 
 
+def resolve_dtype(dtype, on_gpu, local_rank, dry_run, planning_gpus):
+    """(dtype, why, time_bf16) for the constant dtype: 'auto' resolved by device (why says how; '' when dtype
+    was given), ValueError for one that cannot run here. time_bf16: a CPU with bf16 kernels runs fp32 until
+    settle_cpu_dtype has timed bf16 on the model. An explicit bf16 that this CPU emulates gets a warning."""
+    gpu_major = torch.cuda.get_device_capability(local_rank)[0] if on_gpu else 0
+    bf16_native = not on_gpu and cpu_bf16_native()
+    time_bf16 = dtype == 'auto' and bf16_native and not planning_gpus
+    dtype, why = choose_dtype(dtype, on_gpu, gpu_major, bf16_native, planning_gpus)
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'float16' or 'auto'")
+    if dtype == 'float16' and not on_gpu and not dry_run:  # planning for GPUs elsewhere may name it
+        raise ValueError("dtype='float16' needs a GPU (DeepSpeed has no fp16 on CPU): use --dtype=bfloat16 "
+                         "or --dtype=float32")
+    emulated_bf16 = dtype == 'bfloat16' and not on_gpu and not bf16_native
+    if emulated_bf16 and not dry_run and os.environ['RANK'] == '0':
+        print(emulated_bf16_warning(), file=sys.stderr, flush=True)
+    return dtype, why, time_bf16
+
+
+def settle_cpu_dtype(shape, micro_batch, saved):
+    """(dtype, why) for dtype='auto' on a CPU with bf16 kernels, once the model's shape is known: a resumed
+    run keeps its checkpoint's dtype (a measurement near the bar could flip it); otherwise every rank times a
+    block in bf16 and fp32 and they agree on the mean. Collective."""
+    if saved and saved['dtype']:
+        return saved['dtype'], f"{saved['dir']} was trained in it"
+    return choose_dtype('auto', False, 0, True, False, bf16_speedup(shape, micro_batch, collective=True))
+
+
 def emulated_bf16_warning():
     """The warning for an explicit bf16 on a CPU that emulates it, with the slowdown measured here."""
     fp32, bf16 = matmul_flops('float32', seconds=0.2), matmul_flops('bfloat16', seconds=0.2)
@@ -115,33 +155,37 @@ def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size,
     if not os.path.isfile(path):  # a bare name also finds the JSONs that ship beside this file
         if not os.path.isfile(os.path.join(here, path)):
             shipped = sorted(f for f in os.listdir(here) if f.startswith('ds_config') and f.endswith('.json'))
-            raise ValueError(f"DeepSpeed config {path} not found: give the path of a JSON, or one that ships here "
-                             f"({', '.join(shipped)}), as --deepspeed_config=...")
+            raise ValueError(f'DeepSpeed config {path} not found: give the path of a JSON, or one that ships '
+                             f"here ({', '.join(shipped)}), as --deepspeed_config=...")
         path = os.path.join(here, path)
     try:
         with open(path) as f:
             ds_config = json.load(f)
     except OSError as e:
-        raise ValueError(f'cannot read DeepSpeed config {path}: {e.strerror}: make it readable or give another one')
+        raise ValueError(f'cannot read DeepSpeed config {path}: {e.strerror}: make it readable or give '
+                         f'another one')
     except json.JSONDecodeError as e:
-        raise ValueError(f'DeepSpeed config {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}: '
-                         f'fix it there (python -m json.tool {path} shows where)')
+        raise ValueError(f'DeepSpeed config {path} is not valid JSON: {e.msg} at line {e.lineno} column '
+                         f'{e.colno}: fix it there (python -m json.tool {path} shows where)')
     if not isinstance(ds_config, dict) or not isinstance(ds_config.get('zero_optimization', {}), dict):
-        raise ValueError(f'DeepSpeed config {path} must be a JSON object whose "zero_optimization" is an object too, '
-                         f'like ds_config_zero2.json: rewrite it after that one')
-    batch = {'train_micro_batch_size_per_gpu': batch_size, 'gradient_accumulation_steps': gradient_accumulation_steps,
-             'train_batch_size': batch_size * gradient_accumulation_steps * world_size}
+        raise ValueError(f'DeepSpeed config {path} must be a JSON object whose "zero_optimization" is an '
+                         f'object too, like ds_config_zero2.json: rewrite it after that one')
+    accumulation = gradient_accumulation_steps
+    batch = {'train_micro_batch_size_per_gpu': batch_size, 'gradient_accumulation_steps': accumulation,
+             'train_batch_size': batch_size * accumulation * world_size}
     stated = {k: ds_config.get(k, 'auto') for k in batch}
-    if any(v != 'auto' and v != batch[k] for k, v in stated.items()):
+    disagree = [k for k, v in stated.items() if v != 'auto' and v != batch[k]]
+    if disagree:
         raise ValueError(
             f"{path} says train_batch_size={stated['train_batch_size']}, micro batch="
-            f"{stated['train_micro_batch_size_per_gpu']}, gradient_accumulation_steps={stated['gradient_accumulation_steps']}, "
+            f"{stated['train_micro_batch_size_per_gpu']}, "
+            f"gradient_accumulation_steps={stated['gradient_accumulation_steps']}, "
             f'but train_batch_size must be micro batch x accumulation x world size = {batch_size} x '
-            f'{gradient_accumulation_steps} x {world_size} = {batch["train_batch_size"]}: set the three to "auto" '
+            f'{accumulation} x {world_size} = {batch["train_batch_size"]}: set the three to "auto" '
             f'in the JSON and choose --batch_size / --gradient_accumulation_steps here')
     if ds_config.get('gradient_clipping', 'auto') not in ('auto', grad_clip):
-        raise ValueError(f"{path} says gradient_clipping={ds_config['gradient_clipping']}, grad_clip={grad_clip}: "
-                         f'set it to "auto" in the JSON and use --grad_clip')
+        raise ValueError(f"{path} says gradient_clipping={ds_config['gradient_clipping']}, "
+                         f'grad_clip={grad_clip}: set it to "auto" in the JSON and use --grad_clip')
     for block, wanted in (('fp16', dtype == 'float16'), ('bf16', dtype == 'bfloat16')):
         ds_config.setdefault(block, {})
         if ds_config[block].get('enabled', 'auto') not in ('auto', wanted):
@@ -151,8 +195,9 @@ def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size,
     ds_config.update(batch, gradient_clipping=grad_clip)
     stage = ds_config.get('zero_optimization', {}).get('stage', 0)
     if type(stage) is not int or stage not in (0, 1, 2, 3):
-        raise ValueError(f'{path}: zero_optimization.stage={stage!r}, but DeepSpeed has only ZeRO stages 0-3: set '
-                         f'"stage" to 0, 1, 2 or 3 there (ds_config_zero2.json and ds_config_zero3.json ship ready)')
+        raise ValueError(f'{path}: zero_optimization.stage={stage!r}, but DeepSpeed has only ZeRO stages '
+                         f'0-3: set "stage" to 0, 1, 2 or 3 there (ds_config_zero2.json and '
+                         f'ds_config_zero3.json ship ready)')
     return ds_config, stage
 
 
@@ -192,13 +237,12 @@ def init_distributed(backend, on_gpu, local_rank):
     all-reduce op under a lock file that a killed build leaves behind (every later start then hangs without
     a word), and the op never unlinks its 66 MB /dev/shm buffer per rank and master port."""
     if not on_gpu and local_rank == 0:
-        # torch's folder: $TORCH_EXTENSIONS_DIR/<op>, or ~/.cache/torch_extensions/py311_cpu/<op> when unset
-        python = f'py{sys.version_info.major}{sys.version_info.minor}'
-        root = os.environ.get('TORCH_EXTENSIONS_DIR') or os.path.expanduser(f'~/.cache/torch_extensions/{python}_cpu')
-        lock = os.path.join(root, 'deepspeed_shm_comm', 'lock')
-        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 300:
-            print(f'warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} min old; if this start '
-                  f'hangs, no other DeepSpeed start is running and it is stale: delete it', file=sys.stderr)
+        from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for the op's folder
+        lock = os.path.join(_get_build_directory('deepspeed_shm_comm', verbose=False), 'lock')
+        age_min = (time.time() - os.path.getmtime(lock)) / 60 if os.path.exists(lock) else 0
+        if age_min > 5:
+            print(f'warning: {lock} is {age_min:.0f} min old; if this start hangs, no other DeepSpeed start '
+                  f'is running and it is stale: delete it', file=sys.stderr)
     import deepspeed  # here: the trainer stops on a bad setting before DeepSpeed loads (2 s)
     deepspeed.init_distributed(dist_backend=backend)
     rank = dist.get_rank()
@@ -206,8 +250,29 @@ def init_distributed(backend, on_gpu, local_rank):
         # every rank has mapped every buffer once init returns: drop the names now, and the memory goes
         # back when the ranks exit, however they exit (each run used to leak them)
         dist.barrier()
-        shm_buffer = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+        master = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+        shm_buffer = f'/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master}_{rank}'
         if os.path.exists(shm_buffer):
             os.remove(shm_buffer)
     return rank, dist.get_world_size()
+
+
+def use_device(accelerator, local_rank, on_gpu):
+    """This rank's device: its GPU (TF32 matmuls allowed, as nanoGPT does), or 'cpu'."""
+    if not on_gpu:
+        return 'cpu'
+    accelerator.set_device(local_rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return accelerator.device_name(local_rank)
+
+
+def exit_cleanly():
+    """End a finished rank. gloo can abort at interpreter exit ('terminate called without an active
+    exception') after the work is done, failing the launcher at random: leave the process group, flush, and
+    exit at once instead. Collective."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -258,3 +258,44 @@ def pretrained_config(name_or_dir):
 def is_pretrained_source(init_from):
     """A GPT-2 name from the hub or a folder with a transformers config.json."""
     return init_from in PRETRAINED_SHAPES or os.path.isfile(os.path.join(init_from, 'config.json'))
+
+
+def build_model(init_from, scratch_args, overrides, resumed_args=None):
+    """(model, model_args): the model a run starts from and its shape. resumed_args: a checkpoint's shape (its
+    weights come from the engine's load); 'scratch': scratch_args; a pretrained source: its weights, the
+    context cropped to scratch_args' block_size. ValueError with the fix where the settings disagree."""
+    block_size = scratch_args['block_size']
+    if resumed_args:
+        model = GPT(GPTConfig(**resumed_args))
+    elif init_from == 'scratch':
+        model = GPT(GPTConfig(**scratch_args))
+    elif is_pretrained_source(init_from):
+        try:
+            model = GPT.from_pretrained(init_from, dict(dropout=scratch_args['dropout']))
+        except OSError as e:  # transformers' word for a hub it cannot reach, or a folder without weights
+            reason = str(e).splitlines()[0][:160]
+            raise ValueError(f'the weights of {init_from} could not be loaded ({reason}): on a machine '
+                             f"online, save them once with GPT2LMHeadModel.from_pretrained('{init_from}')"
+                             f'.save_pretrained(DIR), then --init_from=DIR') from None
+        trained_for = model.config.block_size
+        if block_size > trained_for:
+            raise ValueError(f'block_size={block_size} is more than {init_from} was trained for '
+                             f'({trained_for}): use --block_size={trained_for} or less')
+        if block_size < trained_for:
+            model.crop_block_size(block_size)
+    else:
+        names = ', '.join(map(repr, PRETRAINED_SHAPES))
+        raise ValueError(f"init_from={init_from!r} is none of 'scratch', 'resume', {names} nor a folder with "
+                         f'a transformers config.json')
+    c = model.config
+    if init_from != 'scratch':  # a pretrained or resumed model keeps its shape
+        clash = [f'{k}={overrides[k]}' for k in ('n_layer', 'n_head', 'n_embd', 'bias')
+                 if k in overrides and overrides[k] != getattr(c, k)]
+        if clash:
+            raise ValueError(f"{', '.join(clash)} disagrees with {init_from} (n_layer={c.n_layer}, "
+                             f'n_head={c.n_head}, n_embd={c.n_embd}, bias={c.bias}): a pretrained or resumed '
+                             f'model keeps its shape; drop the override or use --init_from=scratch')
+    if block_size > c.block_size:
+        raise ValueError(f'block_size={block_size} is more than the checkpoint was trained with '
+                         f'({c.block_size})')
+    return model, {k: getattr(c, k) for k in GPTConfig.__dataclass_fields__}

@@ -16,6 +16,8 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from model import flops_per_token
+
 # Dense peak TFLOP/s for the matmul dtype (no sparsity), from the vendors' data sheets. 'float32' is TF32
 # where the GPU has it, since the trainer enables TF32 matmuls. Matched against torch's device name, in
 # order, on word boundaries (so 'A10' does not claim an A100 or an A10G).
@@ -97,6 +99,15 @@ def mfu(flops_per_s, world_size, peak_flops):
     return share, ''
 
 
+def eval_line(iter_num, losses):
+    """Rank 0's line for an eval: train and val loss, and a mix's val loss per dataset."""
+    line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
+    for key, loss in losses.items():
+        if key.startswith('val_loss_'):
+            line += f", {key[len('val_loss_'):]} {loss:.4f}"
+    return line
+
+
 def log_line(r):
     """Rank 0's line for a metrics record: the figures it holds, comma-separated."""
     parts = [f"iter {r['iter']}: loss {r['loss']:.4f}", f"lr {r['lr']:.3e}", f"time {r['dt_ms']:.2f}ms",
@@ -113,6 +124,16 @@ def log_line(r):
     if 'loss_scale' in r:
         parts.append(f"loss scale {r['loss_scale']:g} ({r['skipped_steps']} skipped)")
     return ', '.join(parts)
+
+
+def progress_bar(shown, total, initial):
+    """(tqdm bar or None, say): the bar when asked for and stdout is a terminal (plain lines otherwise); say
+    prints a line, above the bar when there is one."""
+    if not shown or not sys.stdout.isatty():
+        return None, print
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=initial, unit='iter', dynamic_ncols=True)
+    return bar, bar.write
 
 
 class PhaseTimer:
@@ -227,3 +248,70 @@ class MetricsLog:
             self.wandb_run.finish()
         if self.tb_writer:
             self.tb_writer.close()
+
+
+class StepMeter:
+    """The figures of a training log line beyond loss and lr: tokens/s, MFU, the memory of the rank closest to
+    running out, where the time went, and fp16's loss scale. MFU is model FLOPs per token (model.py, 6N plus
+    attention) x tokens/s over the peak of every device in the run. Collective: every rank makes one and
+    calls record() at the same iterations."""
+
+    def __init__(self, shape, block_size, micro_batch, tokens_per_iter, given_peak, dtype, on_gpu, local_rank,
+                 time_phases):
+        import dataclasses
+        import socket
+
+        import torch.distributed as dist
+        shape = dataclasses.replace(shape, block_size=block_size)  # a resumed model may know a longer context
+        self.flops_per_token = flops_per_token(shape)
+        self.tokens_per_iter, self.dtype, self.on_gpu = tokens_per_iter, dtype, on_gpu
+        self.world_size = dist.get_world_size()
+        name = torch.cuda.get_device_name(local_rank) if on_gpu else f'cpu, {torch.get_num_threads()} threads'
+        gemms = model_gemms(micro_batch * block_size, shape.n_embd, shape.vocab_size)
+        self.peak, self.peak_source = device_peak_flops(given_peak, dtype, name if on_gpu else None, gemms)
+        self.devices = [None] * self.world_size  # every rank's host and device, for run.json
+        dist.all_gather_object(self.devices, f'{socket.gethostname()}: {name}')
+        self.timer = PhaseTimer(use_events=on_gpu) if time_phases else None
+        self.said_why_no_mfu = False
+
+    def mark(self, phase):
+        if self.timer:
+            self.timer.mark(phase)
+
+    def restart(self):
+        if self.timer:
+            self.timer.restart()
+
+    def run_info(self):
+        """What run.json keeps of the meter: every rank's device, the FLOPs per token and the peak."""
+        return dict(devices=self.devices, flops_per_token=self.flops_per_token, peak_flops=self.peak,
+                    peak_source=self.peak_source)
+
+    def peak_line(self):
+        """What MFU is measured against, for the start of the run."""
+        if not self.peak:
+            return (f'MFU not shown: no peak known for {self.devices[0]} in {self.dtype}; give '
+                    f'--peak_flops=<FLOP/s of one device>')
+        return f'MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source}, {self.dtype})'
+
+    def record(self, iter_num, loss, lr, dt_ms, engine):
+        """(metrics record, a line to say once or ''). Collective: the memory figures are the top rank's."""
+        import torch.distributed as dist
+        tokens_per_s = self.tokens_per_iter / (dt_ms / 1000)
+        record = {'iter': iter_num, 'loss': loss, 'lr': lr, 'dt_ms': dt_ms, 'tokens_per_s': tokens_per_s}
+        share, why_no_mfu = mfu(self.flops_per_token * tokens_per_s, self.world_size, self.peak)
+        if share is not None:
+            record['mfu'] = share
+        memory = memory_mb(self.on_gpu)
+        device = torch.cuda.current_device() if self.on_gpu else 'cpu'  # NCCL reduces GPU tensors only
+        highest = torch.tensor(list(memory.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)  # the rank closest to running out is what matters
+        record.update(zip(memory, highest.tolist()))
+        if engine.fp16_enabled():
+            record.update(loss_scale=engine.optimizer.cur_scale, skipped_steps=engine.skipped_steps)
+        if self.timer:
+            record.update({f'{phase}_frac': part for phase, part in self.timer.fractions().items()})
+        say = ''
+        if why_no_mfu and not self.said_why_no_mfu:
+            say, self.said_why_no_mfu = why_no_mfu, True
+        return record, say

@@ -73,6 +73,15 @@ def plot_run(out_dir):
     return path
 
 
+
+def plot_after_run(out_dir):
+    """The trainer's --plot=True at the end of a run: the plot, or a warning (no reason to fail the run)."""
+    try:
+        print(f'plotted {plot_run(out_dir)}')
+    except ValueError as e:
+        print(f'warning: no plot: {e}', file=sys.stderr)
+
+
 if __name__ == '__main__':
     from configurator import configure
     args = sys.argv[1:]

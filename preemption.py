@@ -22,7 +22,10 @@ WATCH_EVERY_S = 1.0  # how often a rank looks for its launcher and runner
 
 
 class StopFlag:
-    def __init__(self):
+    def __init__(self, on_gpu):
+        import torch.distributed as dist
+        # the flag travels on the CPU (gloo) even beside NCCL: agreeing on it is no GPU sync
+        self.group = dist.new_group(backend='gloo') if on_gpu else None
         self.signal_name, self.at = None, None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
@@ -47,6 +50,14 @@ class StopFlag:
 
     def __bool__(self):
         return self.signal_name is not None
+
+    def anywhere(self):
+        """Whether any rank has had the signal. Collective: the ranks agree on where to stop."""
+        import torch
+        import torch.distributed as dist
+        flag = torch.tensor(float(bool(self)))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return flag.item() > 0
 
 
 def deepspeed_launcher_and_runner():

@@ -84,3 +84,12 @@ def load_codec(meta_path=None):
     def decode(ids):
         return enc.decode([i for i in ids if i < enc.n_vocab])
     return encode, decode
+
+
+def sample_text(model, meta_path, start, max_new_tokens, device):
+    """One sample of max_new_tokens after start, decoded (the trainer's end-of-run sample). The model in eval
+    mode; under ZeRO-3 every rank must call this, as the forward pass gathers weights collectively."""
+    import torch
+    encode, decode = load_codec(meta_path)
+    idx = torch.tensor([encode(start)], dtype=torch.long, device=device)
+    return decode(model.generate(idx, max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
