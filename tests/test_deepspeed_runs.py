@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 from conftest import TINY, env, expected_eval, launch, metrics, ok, run
 from model import GPT, GPTConfig
 
@@ -31,17 +32,15 @@ def test_trains_and_checkpoints(tmp_path, stage):
     # the logged learning rate follows warmup then cosine (3e-3 -> 3e-4 over 30 iters)
     assert steps[0]['lr'] == pytest.approx(1e-3) and steps[2]['lr'] == pytest.approx(3e-3)
     assert steps[16]['lr'] == pytest.approx(3e-4 + 0.5 * (3e-3 - 3e-4))
-    # checkpoints: latest names the final tag, whose shards are all there
-    assert (out / 'latest').read_text().strip() == 'final'
+    # checkpoints: latest names the final tag, whose shards are all there: each rank its optimizer states,
+    # the model states rank 0 alone (ZeRO-2) or each rank its share (ZeRO-3), and the checksums of them all
+    assert checkpoints.latest_tag(str(out)) == 'final'
     assert (out / 'iter_10').is_dir() and (out / 'iter_20').is_dir()
-    files = sorted(os.listdir(out / 'final'))
-    optim = [f'zero_pp_rank_{r}_mp_rank_00_optim_states.pt' for r in (0, 1)]
-    if stage == 2:
-        model = ['mp_rank_00_model_states.pt']
-    else:
-        model = [f'zero_pp_rank_{r}_mp_rank_00_model_states.pt' for r in (0, 1)]
-    assert files == sorted(optim + model + ['checksums.json'])
-    state = torch.load(out / 'final' / model[0], map_location='cpu', weights_only=False)
+    final = str(out / 'final')
+    files_per_rank = [len(checkpoints.files_of_rank(final, r)) for r in (0, 1)]
+    assert files_per_rank == ([2, 1] if stage == 2 else [2, 2])
+    assert sorted(os.listdir(final)) == sorted(checkpoints.shard_files(final) + [checkpoints.CHECKSUMS])
+    state = checkpoints.read_client_state(final)
     assert state['iter_num'] == 30 and state['model_args']['n_layer'] == 2 and len(state['rng_states']) == 2
     assert state['model_args']['vocab_size'] == 84  # from data/shakespeare_char/meta.pkl, not GPT-2's 50304
     assert state['config']['max_iters'] == 30
@@ -94,7 +93,7 @@ def test_estimate_loss_agrees_across_ranks_and_with_one_process(saved_at_each_ev
     assert set(seen) == {0, 1} and seen[0] == seen[1]
 
     # one process, the same weights, each rank's eval batches
-    state = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
+    state = checkpoints.read_client_state(str(out / 'final'))
     model = GPT(GPTConfig(**state['model_args']))
     model.load_state_dict(state['module'])
     expected = expected_eval(model.eval())
@@ -115,7 +114,8 @@ def test_one_process_without_launcher_and_bf16(tmp_path):
     proc = ok(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--max_iters=3',
                    '--dtype=bfloat16', '--eval_interval=3'], environ=env(PATH=path)))
     assert 'bfloat16, 1 rank(s) on cpu' in proc.stdout and 'train_batch_size = 8 x 1 x 1' in proc.stdout
-    assert (out / 'final' / 'bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt').exists()
+    weights = checkpoints.read_client_state(str(out / 'final'))['module']  # what the engine trained in
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
     assert not (tmp_path / 'other_ninja_ran').exists()
     build = os.path.join(sys.prefix, 'torch_extensions', 'deepspeed_shm_comm')
     assert os.path.isfile(os.path.join(build, 'deepspeed_shm_comm.so'))

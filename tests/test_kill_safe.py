@@ -315,7 +315,8 @@ def check_kill_at_each_step(engine, tmp_path, monkeypatch, tag):
                 broken.append(f'{where}: the next save of {tag} fails: {e!r}')
                 continue
             left = {n for n in os.listdir(out) if not n.endswith('.py')}  # not DeepSpeed's zero_to_fp32.py
-            if latest_of(out) != tag or iter_of(out / tag) != 2 or left != {'iter_2', 'final', tag, 'latest'}:
+            expected = {'iter_2', 'final', tag, checkpoints.LATEST}
+            if latest_of(out) != tag or iter_of(out / tag) != 2 or left != expected:
                 broken.append(f'{where}: after the next save, latest = {latest_of(out)}, out_dir has '
                               f'{sorted(os.listdir(out))}')
     assert not broken, '\n'.join(broken)
@@ -336,7 +337,7 @@ def test_resume_after_a_kill_in_the_middle_of_a_swap(reference, tmp_path):
     checkpoint, and its save of iter_8 should go through and clear the leftover."""
     out = tmp_path / 'out'
     os.makedirs(out)
-    for name in ('latest', 'meta.pkl'):
+    for name in (checkpoints.LATEST, 'meta.pkl'):
         shutil.copy(reference / name, out / name)
     shutil.copytree(reference / 'final', out / 'final.old')
     shutil.copytree(reference / 'final', out / 'final.partial')

@@ -11,8 +11,8 @@ import subprocess
 from importlib.metadata import version
 
 import pytest
-import torch
 
+import checkpoints
 from conftest import BIN, REPO, TINY, dry_run, env, free_port, launch, metrics, ok
 from model import GPTConfig, flops_per_token
 
@@ -57,7 +57,7 @@ def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
     assert [e.step for e in events.Scalars('loss')] == [0, 1, 2, 3]
     assert [e.step for e in events.Scalars('val_loss')] == [0, 2, 4]
 
-    state = torch.load(out / 'final' / 'mp_rank_00_model_states.pt', map_location='cpu', weights_only=False)
+    state = checkpoints.read_client_state(str(out / 'final'))
     run_id = state['wandb_run_id']
     assert run_id and len(glob.glob(str(out / 'wandb' / f'offline-run-*-{run_id}'))) == 1
 

@@ -13,7 +13,11 @@ from shakespeare_text import load_text, parse_args, write_splits  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
 args = parse_args(__doc__)
-text, source = load_text(args.input, args.offline)
+try:
+    text, source = load_text(args.input, args.offline)
+except ValueError as e:
+    from ds_setup import die  # only now: it loads torch
+    die(str(e))
 print(f'{source}: {len(text):,} characters')
 write_splits(gpt2_encoding().encode_ordinary(text), here)
 with open(os.path.join(here, 'source.txt'), 'w') as f:

@@ -8,10 +8,15 @@ import sys
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(here))
+sys.path.insert(0, os.path.dirname(os.path.dirname(here)))
 from shakespeare_text import load_text, parse_args, write_splits  # noqa: E402
 
 args = parse_args(__doc__)
-text, source = load_text(args.input, args.offline)
+try:
+    text, source = load_text(args.input, args.offline)
+except ValueError as e:
+    from ds_setup import die  # only now: it loads torch
+    die(str(e))
 print(f'{source}: {len(text):,} characters')
 chars = sorted(set(text))
 stoi = {ch: i for i, ch in enumerate(chars)}
