@@ -13,7 +13,8 @@ import urllib.request
 
 import numpy as np
 
-TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+TINY_SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
+                        'tinyshakespeare/input.txt')
 
 
 def parse_args(description):
