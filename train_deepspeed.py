@@ -145,10 +145,9 @@ def get_batch(split, rng, source=None):
 
 
 meta_path = os.path.join(sources[source_names[0]][0], 'meta.pkl') if sources else ''  # a mix shares one
-meta = data_sources.read_meta(meta_path)  # None: GPT-2 BPE
-meta_vocab_size = meta['vocab_size'] if meta else None
+meta = data_sources.read_meta(meta_path)  # None: GPT-2 BPE, whose 50257 ids a scratch model pads to 50304
 scratch_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                    dropout=dropout, vocab_size=meta_vocab_size or 50304)  # 50304: 50257 padded to 64s
+                    dropout=dropout, vocab_size=meta['vocab_size'] if meta else 50304)
 
 if dry_run:  # the plan from the shape alone (memory_plan.py): no weights, no process group, no data needed
     import memory_plan  # imports DeepSpeed's estimators: only after the environment above is set
@@ -189,9 +188,8 @@ iter_num, best_val_loss = client_state.get('iter_num', 0), client_state.get('bes
 best_tag, evals_without_gain = client_state.get('best_tag'), client_state.get('evals_without_gain', 0)
 resumed_at = iter_num if saved else None
 
-# tokens/s, MFU, memory and phase shares for the log lines; on CPU the peak is timed here, on every rank
 meter = StepMeter(model.config, block_size, batch_size, tokens_per_iter, peak_flops, dtype, on_gpu,
-                  local_rank, time_phases)
+                  local_rank, time_phases)  # tokens/s, MFU, memory, phases; on CPU it times the peak now
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -309,10 +307,9 @@ while True:
         improved = losses['val_loss'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val_loss'])
         evals_without_gain = 0 if improved else evals_without_gain + 1
-        if improved:
-            best_tag = f'iter_{iter_num}'
         mid_run = 0 < iter_num < max_iters  # max_iters is saved as 'final'
         if mid_run and (improved or always_save_checkpoint):
+            best_tag = f'iter_{iter_num}' if improved else best_tag
             save(f'iter_{iter_num}')
         if early_stop_patience and evals_without_gain >= early_stop_patience:
             say(f'early stop: val loss has not improved on {best_val_loss:.4f} in {evals_without_gain} evals')
@@ -375,10 +372,12 @@ while True:
                            f'max_nonfinite={max_nonfinite})')
         nonfinite_worst.zero_()
     if stopping and iter_num < max_iters:  # pre-empted: every rank saves this step, then exits 0
-        save(f'iter_{iter_num}')
+        tag = f'iter_{iter_num}'
+        save(tag)
         if master_process:
-            say(f"{stop_signal.signal_name or 'a signal to another rank'}: stopped after iter {iter_num - 1} "
-                f"and saved {os.path.join(out_dir, f'iter_{iter_num}')}; go on with --init_from=resume")
+            why = stop_signal.signal_name or 'a signal to another rank'
+            say(f'{why}: stopped after iter {iter_num - 1} and saved {os.path.join(out_dir, tag)}; go on '
+                f'with --init_from=resume')
         preempted = True
         break
 
