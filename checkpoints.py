@@ -10,8 +10,8 @@ out_dir/
   latest            the newest complete tag
   meta.pkl          the run's character vocabulary (none for GPT-2 BPE)
 
-The public surface: to_resume, check_before_load and resume (train_deepspeed.py's start), save, complete_tags
-and latest_tag, keep_vocabulary, and find, load_model and vocabulary_of (export.py and sample.py).
+The public surface: check_writable, to_resume, check_before_load and resume (the trainer's start), save,
+keep_vocabulary, complete_tags and latest_tag; find, load_model and vocabulary_of (export.py and sample.py).
 """
 import filecmp
 import json

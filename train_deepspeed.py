@@ -213,6 +213,8 @@ if master_process:
 # metrics.jsonl, and wandb / tensorboard when asked for; a resumed run continues its checkpoint's wandb run
 log_record = MetricsLog(out_dir, config, wandb_project if wandb_log else None, wandb_run_name,
                         tensorboard_log, client_state.get('wandb_run_id'), master_process)
+nonfinite_streak = torch.zeros((), device=device)  # iterations in a row with a NaN/inf loss, on the device
+nonfinite_worst = torch.zeros((), device=device)  # the longest such streak since the last log line
 
 
 def get_lr(it):
@@ -287,8 +289,6 @@ def save(tag):
 t_log, iters_since_log = time.time(), 0
 bar, say = progress_bar(master_process and progress, max_iters, iter_num)  # say: a line above the bar
 stop_signal = StopFlag(on_gpu)  # the first SIGTERM/SIGINT: finish this step, save, exit 0; a second: at once
-nonfinite_streak = torch.zeros((), device=device)  # iterations in a row with a NaN/inf loss, on the device
-nonfinite_worst = torch.zeros((), device=device)  # the longest such streak since the last log line
 preempted = False
 while True:
     # evaluate and save. A resumed run does not repeat the eval its checkpoint was saved after
