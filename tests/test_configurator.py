@@ -60,12 +60,15 @@ def test_resolves_the_trainers_constants():
     assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and "unknown key 'max_iter'" in proc.stderr
 
 
-def test_headline_defaults():
-    """The script's defaults are the seeds' headline run."""
-    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py'],
-                          cwd=REPO, capture_output=True, text=True)
-    s = json.loads(proc.stdout)
-    shape = (s['init_from'], s['dataset'], s['block_size'], s['batch_size'], s['gradient_accumulation_steps'])
-    assert shape == ('gpt2-xl', 'shakespeare', 1024, 1, 32)
-    assert (s['max_iters'], s['learning_rate'], s['eval_interval'], s['eval_iters']) == (20, 3e-5, 5, 20)
-    assert (s['out_dir'], s['deepspeed_config']) == ('out-shakespeare-xl-deepspeed', 'ds_config_zero2.json')
+def test_defaults_are_the_headline_job():
+    """Plain `deepspeed train_deepspeed.py` runs the job of config/train_gpt2_xl_shakespeare.py: the same
+    model, data, batch, length, learning rate and evals (the config adds its schedule and logging)."""
+    def resolved(*args):
+        proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', *args], cwd=REPO,
+                              capture_output=True, text=True)
+        return json.loads(proc.stdout)
+    defaults, headline = resolved(), resolved('config/train_gpt2_xl_shakespeare.py')
+    job = ('init_from', 'dataset', 'deepspeed_config', 'block_size', 'batch_size',
+           'gradient_accumulation_steps', 'max_iters', 'learning_rate', 'eval_interval', 'eval_iters',
+           'out_dir', 'dtype')
+    assert {k: defaults[k] for k in job} == {k: headline[k] for k in job}
