@@ -111,10 +111,12 @@ def bf16_speedup(shape, micro_batch, collective):
     return (speeds[0] / speeds[1]).item()
 
 
-def resolve_dtype(dtype, on_gpu, local_rank, dry_run, planning_gpus):
-    """(dtype, why, time_bf16) for the constant dtype: 'auto' resolved by device (why says how; '' when dtype
+def resolve_dtype(config, on_gpu, local_rank):
+    """(dtype, why, time_bf16) for the settings' dtype: 'auto' resolved by device (why says how; '' when dtype
     was given), ValueError for one that cannot run here. time_bf16: a CPU with bf16 kernels runs fp32 until
     settle_cpu_dtype has timed bf16 on the model. An explicit bf16 that this CPU emulates gets a warning."""
+    dtype, dry_run = config['dtype'], config['dry_run']
+    planning_gpus = dry_run and (config['plan_gpus'] > 0 or config['plan_gpu_mem_gb'] > 0)
     gpu_major = torch.cuda.get_device_capability(local_rank)[0] if on_gpu else 0
     bf16_native = not on_gpu and cpu_bf16_native()
     time_bf16 = dtype == 'auto' and bf16_native and not planning_gpus

@@ -93,12 +93,13 @@ def model_states_bytes(n_params, largest_layer_params, stage, world_size, offloa
     return gpu, cpu // world_size
 
 
-def activation_bytes(config, micro_batch, dtype='bfloat16', fused_attention=True):
+def activation_bytes(config, micro_batch, dtype='bfloat16', fused_attention=True, checkpointing=False):
     """Bytes autograd holds at the start of backward for one micro batch. Korthikanti et al. 2022
     (sbh(34 + 5as/h) bytes in 16-bit a layer, dropout masks included) recounted for model.py, which a test
     checks against autograd's saved tensors. fused_attention: SDPA's flash / memory-efficient kernels (what a
     GPU runs in fp16, bf16 and fp32) keep q, k, v, the output and a log-sum-exp, never the T x T matrix; False
-    is the math path, which keeps it."""
+    is the math path, which keeps it. checkpointing (model.py's gradient_checkpointing): each block keeps only
+    its input, and the backward pass recomputes one block at a time, which then holds its full set."""
     w, b, s, h, a = DTYPE_BYTES[dtype], micro_batch, config.block_size, config.n_embd, config.n_head
     sbh, tokens, dropout = s * b * h, s * b, config.dropout > 0
     # a Block keeps 16 sbh elements: ln_1 and ln_2 inputs 2, c_attn input 1, q k v 3 (views of c_attn's
@@ -112,7 +113,10 @@ def activation_bytes(config, micro_batch, dtype='bfloat16', fused_attention=True
     if dropout:  # 1-byte masks of resid_dropout and mlp.dropout (a GPU's fused dropout keeps bool masks)
         layer += 2 * sbh
     ln_f = 2 * sbh * w + 2 * FP32_BYTES * tokens  # ln_f's input and output and stats
-    total = config.n_layer * layer + ln_f
+    blocks = config.n_layer * layer
+    if checkpointing:  # the recomputed block's ln_1 input is the input it kept: counted once
+        blocks = config.n_layer * sbh * w + layer - sbh * w
+    total = blocks + ln_f
     total += sbh if dropout else 0  # the embedding dropout's mask
     # the logits: the compute-dtype lm_head output the training loop holds, the fp32 log-softmax
     # cross-entropy keeps, and at the start of backward the two fp32 gradients log_softmax's backward has at
@@ -141,12 +145,12 @@ def buffer_bytes(ds_zero_config, stage, dtype, n_params, resident=False):
 
 
 def plan(config, micro_batch, grad_accum, world_size, dtype, ds_zero_config, gpu_mem_bytes=None,
-         resident=False):
+         resident=False, checkpointing=False):
     """One row per (stage, offload) DeepSpeed offers: GiB per GPU and fits (None when gpu_mem_bytes is
     unknown).
     grad_accum changes nothing on the GPU (gradients accumulate in place); it is carried for the table."""
     n, largest = num_params(config), largest_layer_params(config)
-    act = activation_bytes(config, micro_batch, dtype)
+    act = activation_bytes(config, micro_batch, dtype, checkpointing=checkpointing)
     rows = []
     for stage in (0, 1, 2, 3):
         for offload in OFFLOADS[:1 if stage == 0 else 2 if stage < 3 else 3]:
@@ -160,7 +164,7 @@ def plan(config, micro_batch, grad_accum, world_size, dtype, ds_zero_config, gpu
     return rows
 
 
-def recommend(config, global_batch, world_size, dtype, ds_zero_config, gpu_mem_bytes):
+def recommend(config, global_batch, world_size, dtype, ds_zero_config, gpu_mem_bytes, checkpointing=False):
     """The plan row that fits with micro_batch * grad_accum * world_size == global_batch (sequences per step):
     no offload before offload (the CPU's Adam is slow), ZeRO 0-2 before 3 (which moves 1.5x the data), then
     the largest micro batch (fewest micro steps), then the higher of ZeRO 0-2 (the same traffic, more
@@ -171,7 +175,8 @@ def recommend(config, global_batch, world_size, dtype, ds_zero_config, gpu_mem_b
     fitting = []
     for m in range(1, per_rank + 1):
         if per_rank % m == 0:  # a micro batch that splits the rank's share into whole micro steps
-            rows = plan(config, m, per_rank // m, world_size, dtype, ds_zero_config, gpu_mem_bytes)
+            rows = plan(config, m, per_rank // m, world_size, dtype, ds_zero_config, gpu_mem_bytes,
+                        checkpointing=checkpointing)
             fitting += [r for r in rows if r['fits']]
 
     def preference(r):  # the order of the docstring, lowest first
@@ -205,13 +210,15 @@ ENGINE_RESIDENT_GIB = 0.12
 
 
 def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage, config_path,
-           gpu_mem_bytes=None, cpu_runtime_gib=None):
+           gpu_mem_bytes=None, cpu_runtime_gib=None, checkpointing=False):
     """The dry run's text: the table, a recommendation when the GPU's size is known, and for a run on this
     machine's CPU ranks (cpu_runtime_gib: what a rank holds before any model) the resident memory per rank."""
-    lines = [format_plan(plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, gpu_mem_bytes))]
+    rows = plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, gpu_mem_bytes,
+                checkpointing=checkpointing)
+    lines = [format_plan(rows)]
     global_batch = micro_batch * grad_accum * world_size
     if gpu_mem_bytes:
-        best = recommend(config, global_batch, world_size, dtype, ds_config, gpu_mem_bytes)
+        best = recommend(config, global_batch, world_size, dtype, ds_config, gpu_mem_bytes, checkpointing)
         if best is None:
             advice = 'nothing fits: more GPUs, a shorter block_size or a smaller model'
         else:
@@ -226,7 +233,8 @@ def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage,
         lines.append(f'recommended for {gpu_mem_bytes / GIB:.1f} GiB per GPU and {global_batch} sequences '
                      f'per step: {advice}')
     if cpu_runtime_gib is not None:  # CPU ranks write only what their buckets hold: count them that far
-        rows = plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, resident=True)
+        rows = plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, resident=True,
+                    checkpointing=checkpointing)
         own = next(r for r in rows if r['stage'] == stage and r['offload'] == 'none')
         total_gib = cpu_runtime_gib + ENGINE_RESIDENT_GIB + own['total_gib']
         lines.append(f'CPU ranks here: about {total_gib:.2f} GiB resident per rank '
@@ -261,7 +269,8 @@ def dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, d
     tokens_per_iter = batch_size * accumulation * world_size * config['block_size']
     lines = [f'dry run: {init_from}, {n_params:,} parameters ({shape.n_layer} layers, {shape.n_head} heads, '
              f'{shape.n_embd} wide, context {shape.block_size}, vocab {shape.vocab_size}), {dtype}, '
-             f"ZeRO-{stage} in {config['deepspeed_config']}",
+             f"ZeRO-{stage} in {config['deepspeed_config']}"
+             + (', gradient checkpointing' if config['gradient_checkpointing'] else ''),
              f'{world}; train_batch_size = {batch_size} (micro) x {accumulation} (accumulation) x '
              f"{world_size} (world) = {ds_config['train_batch_size']} sequences, "
              f'{tokens_per_iter:,} tokens per iter']
@@ -275,5 +284,6 @@ def dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, d
         from torch import _dynamo  # noqa: F401  deepspeed.initialize imports it on first use: ~70 MB a rank
         cpu_runtime_gib = memory_mb(False)['rss_mb'] / 1024  # torch, DeepSpeed and what they import
     lines.append(report(shape, batch_size, accumulation, world_size, dtype, ds_config, stage,
-                        config['deepspeed_config'], gpu_mem or None, cpu_runtime_gib))
+                        config['deepspeed_config'], gpu_mem or None, cpu_runtime_gib,
+                        config['gradient_checkpointing']))
     return '\n'.join(lines)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 PRETRAINED_SHAPES = {  # name -> (n_layer, n_head, n_embd), all with vocab 50257 and context 1024
     'gpt2': (12, 12, 768),          # 124M
@@ -112,6 +113,10 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        # True: keep only each block's input in training and recompute the block in the backward pass
+        # (activations of one block instead of n_layer, about a third more compute). Not part of the shape:
+        # a checkpoint trained either way loads either way
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that feed the residual stream
         for name, p in self.named_parameters():
@@ -138,8 +143,12 @@ class GPT(nn.Module):
         assert t <= block_size, f'sequence of {t} tokens, block_size is only {block_size}'
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x)
+            if recompute:  # non-reentrant; the RNG state is replayed, so dropout draws the same masks
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None

@@ -256,13 +256,14 @@ class StepMeter:
     attention) x tokens/s over the peak of every device in the run. Collective: every rank makes one and
     calls record() at the same iterations."""
 
-    def __init__(self, shape, block_size, micro_batch, tokens_per_iter, given_peak, dtype, on_gpu, local_rank,
+    def __init__(self, model, block_size, micro_batch, tokens_per_iter, given_peak, dtype, on_gpu, local_rank,
                  time_phases):
         import dataclasses
         import socket
 
         import torch.distributed as dist
-        shape = dataclasses.replace(shape, block_size=block_size)  # a resumed model may know a longer context
+        shape = dataclasses.replace(model.config, block_size=block_size)  # a resumed model may know more
+        self.recomputes = model.gradient_checkpointing  # FLOPs it spends that MFU does not count
         self.flops_per_token = flops_per_token(shape)
         self.tokens_per_iter, self.dtype, self.on_gpu = tokens_per_iter, dtype, on_gpu
         self.world_size = dist.get_world_size()
@@ -292,7 +293,10 @@ class StepMeter:
         if not self.peak:
             return (f'MFU not shown: no peak known for {self.devices[0]} in {self.dtype}; give '
                     f'--peak_flops=<FLOP/s of one device>')
-        return f'MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source}, {self.dtype})'
+        line = f'MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source}, {self.dtype})'
+        if self.recomputes:
+            line += "; model FLOPs only: gradient checkpointing's recomputation is not counted"
+        return line
 
     def record(self, iter_num, loss, lr, dt_ms, engine):
         """(metrics record, a line to say once or ''). Collective: the memory figures are the top rank's."""

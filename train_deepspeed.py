@@ -6,8 +6,7 @@ also picks GPUs by CUDA_VISIBLE_DEVICES, which DeepSpeed's launcher ignores):
 $ deepspeed --num_gpus 4 train_deepspeed.py
 No GPU: the same code on 2 CPU ranks over gloo (after python data/shakespeare_char/prepare.py):
 $ deepspeed --num_gpus 2 train_deepspeed.py config/train_shakespeare_char_cpu.py
-Resume from the newest checkpoint, or from a tag:
-$ deepspeed --num_gpus 4 train_deepspeed.py --init_from=resume [--resume_tag=iter_10]
+$ deepspeed --num_gpus 4 train_deepspeed.py --init_from=resume [--resume_tag=iter_10]  # newest, or a tag
 """
 import math
 import os
@@ -63,6 +62,7 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pretraining; try 0.1+ when fine-tuning small data for long
 bias = True  # biases in Linear and LayerNorm, as in GPT-2
+gradient_checkpointing = False  # recompute each block in backward: 1 block's activations, ~1/3 more compute
 # AdamW
 learning_rate = 3e-5  # peak; 3e-5 suits fine-tuning gpt2-xl, 1e-3 a small model from scratch
 max_iters = 20  # optimizer steps in all (a resumed run goes on up to this)
@@ -106,11 +106,10 @@ on_gpu = accelerator.device_name() == 'cuda'
 local_rank, rank = int(os.environ['LOCAL_RANK']), int(os.environ['RANK'])
 if not on_gpu:
     share_cpu_cores()  # the ranks on one host share its cores
-planning_gpus = dry_run and (plan_gpus > 0 or plan_gpu_mem_gb > 0)
 world_size = plan_gpus if dry_run and plan_gpus > 0 else int(os.environ['WORLD_SIZE'])
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 with user_errors():  # time_bf16: on a CPU with bf16 kernels, fp32 until bf16 is timed on the model below
-    dtype, dtype_why, time_bf16 = resolve_dtype(dtype, on_gpu, local_rank, dry_run, planning_gpus)
+    dtype, dtype_why, time_bf16 = resolve_dtype(config, on_gpu, local_rank)
     ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps,
                                          world_size, grad_clip, dtype)
 config.update(dtype=dtype, zero_stage=stage)
@@ -169,6 +168,7 @@ with user_errors():
         checkpoints.check_before_load(saved, ds_config, world_size)  # every rank its own files
     model, model_args = build_model(init_from, scratch_args, overrides, saved and saved['model_args'])
     n_params = model.get_num_params()  # counted before ZeRO-3 partitions the weights
+    model.gradient_checkpointing = gradient_checkpointing
     data_sources.check_token_ids(sources, model.config.vocab_size)
     if time_bf16:  # every rank times bf16 against fp32 on a block of this model (or keeps the checkpoint's)
         dtype, dtype_why = settle_cpu_dtype(model.config, batch_size, saved)
@@ -188,7 +188,7 @@ iter_num, best_val_loss = client_state.get('iter_num', 0), client_state.get('bes
 best_tag, evals_without_gain = client_state.get('best_tag'), client_state.get('evals_without_gain', 0)
 resumed_at = iter_num if saved else None
 
-meter = StepMeter(model.config, block_size, batch_size, tokens_per_iter, peak_flops, dtype, on_gpu,
+meter = StepMeter(model, block_size, batch_size, tokens_per_iter, peak_flops, dtype, on_gpu,
                   local_rank, time_phases)  # tokens/s, MFU, memory, phases; on CPU it times the peak now
 
 if master_process:

@@ -93,27 +93,44 @@ def test_activations_linear_in_micro_batch_and_dropout_and_math_path_add():
     assert mp.activation_bytes(XL, 1, 'float16', fused_attention=False) == one + attention_matrix
 
 
-def test_activations_match_autograds_saved_tensors():
-    """On CPU, SDPA runs a flash kernel that keeps what the GPU's does; count what autograd really saves."""
-    config = GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=32, vocab_size=100)
-    torch.manual_seed(0)
-    model = GPT(config).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_bytes(module, *inputs):
+    """The bytes of the float tensors autograd saves for module(*inputs)'s backward, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     saved = {}
 
     def pack(t):
-        # not the token ids, by design
-        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:  # not the token ids
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    x, y = torch.randint(0, 100, (2, 2, 32))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, y)
-    logits = 2 * 32 * 100
+        module(*inputs)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize('config', [GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=32, vocab_size=100),
+                                    GPTConfig(n_layer=4, n_head=6, n_embd=96, block_size=48, vocab_size=84,
+                                              bias=False)])
+def test_activations_match_autograds_saved_tensors(config):
+    """On CPU, SDPA runs a flash kernel that keeps what the GPU's does (without dropout: with it, the CPU
+    takes the math path); count what autograd really saves,
+    without gradient checkpointing and with it (each block then keeps its input; the backward pass recomputes
+    one block at a time, which holds what a block saves, its input included)."""
+    torch.manual_seed(0)
+    model = GPT(config).train()
+    x, y = torch.randint(0, config.vocab_size, (2, 2, config.block_size))
     # + the logits the training loop holds (fp32 here) and log_softmax backward's two fp32 gradients
-    planned = mp.activation_bytes(config, 2, 'float32')
-    assert sum(saved.values()) + 4 * logits + 8 * logits == pytest.approx(planned, rel=0.005)
+    logits = 12 * 2 * config.block_size * config.vocab_size
+    measured = saved_bytes(model, x, y) + logits
+    assert measured == pytest.approx(mp.activation_bytes(config, 2, 'float32'), rel=0.005)
+
+    model.gradient_checkpointing = True
+    block_input = torch.randn(2, config.block_size, config.n_embd, requires_grad=True)
+    one_block = saved_bytes(model.transformer.h[0], block_input)
+    measured = saved_bytes(model, x, y) + one_block - block_input.nbytes + logits
+    planned = mp.activation_bytes(config, 2, 'float32', checkpointing=True)
+    assert measured == pytest.approx(planned, rel=0.005)
+    assert planned < mp.activation_bytes(config, 2, 'float32') / 2
 
 
 def test_buffers_from_the_json():
