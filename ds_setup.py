@@ -203,15 +203,24 @@ def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size,
     return ds_config, stage
 
 
+def offloads_optimizer(ds_config):
+    """Whether the JSON puts the optimizer on the CPU (ZeRO's offload_optimizer), where DeepSpeed's CPU Adam
+    steps it: DeepSpeed refuses a torch optimizer there."""
+    device = ds_config.get('zero_optimization', {}).get('offload_optimizer', {}).get('device', 'none')
+    return device not in ('none', None)
+
+
 def prepare_process():
     """The environment a rank needs before DeepSpeed loads (it picks its accelerator on import). Plain `python
-    train_deepspeed.py` becomes a world of one on a free port."""
+    train_deepspeed.py` becomes a world of one on a free port; CPU ranks take their share of the cores."""
     if 'RANK' not in os.environ:
         with socket.socket() as s:
             s.bind(('127.0.0.1', 0))
             os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1',
                               MASTER_ADDR='127.0.0.1', MASTER_PORT=str(s.getsockname()[1]))
     os.environ.setdefault('DS_ACCELERATOR', 'cuda' if torch.cuda.is_available() else 'cpu')
+    if os.environ['DS_ACCELERATOR'] == 'cpu':
+        share_cpu_cores()
     # DeepSpeed builds its CPU comm op with the first ninja on PATH. pip's ninja in the venv and the system's
     # differ in version, and each takes the other's build for stale: 22 s of rebuilding at every switch
     os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', '')

@@ -36,6 +36,17 @@ def largest_layer_params(config):
     return max(config.vocab_size * d, config.block_size * d, 4 * d * d + 4 * d * config.bias)
 
 
+def offload_of(ds_config):
+    """The OFFLOADS entry a DeepSpeed JSON (or its zero_optimization block) asks for."""
+    zero = ds_config.get('zero_optimization', ds_config)
+
+    def on_cpu(key):
+        return zero.get(key, {}).get('device', 'none') not in ('none', None)
+    if on_cpu('offload_param'):
+        return 'optimizer+params'
+    return 'optimizer' if on_cpu('offload_optimizer') else 'none'
+
+
 def _check(stage, offload):
     if stage not in (0, 1, 2, 3) or offload not in OFFLOADS:
         raise ValueError(f'stage {stage!r}, offload {offload!r}: stages are 0-3, offloads {OFFLOADS}')
@@ -184,9 +195,9 @@ def recommend(config, global_batch, world_size, dtype, ds_zero_config, gpu_mem_b
     return min(fitting, key=preference, default=None)
 
 
-def format_plan(rows, title=''):
+def format_plan(rows, title='', in_use=None):
     """A plain-text table per GPU, one decimal, in GiB (MiB when every total is under 1 GiB, as for the CPU
-    demo); CPU is each rank's share of the node's RAM."""
+    demo); CPU is each rank's share of the node's RAM. in_use: (stage, offload, JSON) marks the JSON's row."""
     unit, scale = ('GiB', 1) if max(r['total_gib'] for r in rows) >= 1 else ('MiB', 1024)
     head = f"{'ZeRO':>4}  {'offload':<16} {'micro x GA':>10} {'states':>8} {'activ.':>8} {'buffers':>8} " \
            f"{'total':>8} {'CPU/rank':>8}  fits"
@@ -196,7 +207,10 @@ def format_plan(rows, title=''):
                          ('model_states_gib', 'activations_gib', 'buffers_gib', 'total_gib', 'cpu_gib'))
         steps = f"{r['micro_batch']} x {r['grad_accum']}"
         fits = {None: '?', True: 'yes', False: 'NO'}[r['fits']]
-        lines.append(f"{r['stage']:>4}  {r['offload']:<16} {steps:>10} {sizes}  {fits}")
+        line = f"{r['stage']:>4}  {r['offload']:<16} {steps:>10} {sizes}  {fits}"
+        if in_use and (r['stage'], r['offload']) == in_use[:2]:
+            line += ' ' * (4 - len(fits)) + f'<- {in_use[2]}'
+        lines.append(line)
     lines.append(f'{unit} per GPU; not counted: CUDA context, NCCL workspaces, allocator fragmentation: '
                  'leave a margin')
     return '\n'.join(lines)
@@ -215,7 +229,7 @@ def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage,
     machine's CPU ranks (cpu_runtime_gib: what a rank holds before any model) the resident memory per rank."""
     rows = plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, gpu_mem_bytes,
                 checkpointing=checkpointing)
-    lines = [format_plan(rows)]
+    lines = [format_plan(rows, in_use=(stage, offload_of(ds_config), config_path))]
     global_batch = micro_batch * grad_accum * world_size
     if gpu_mem_bytes:
         best = recommend(config, global_batch, world_size, dtype, ds_config, gpu_mem_bytes, checkpointing)

@@ -221,13 +221,18 @@ class GPT(nn.Module):
             sd.setdefault(k, torch.zeros(p.shape))
         return sd
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas):
-        """AdamW where every 2-D tensor (matmul weights, embeddings) decays and biases and norms don't."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, cpu_adam=False):
+        """AdamW where every 2-D tensor (matmul weights, embeddings) decays and biases and norms don't.
+        cpu_adam: DeepSpeed's vectorised CPU AdamW (the same update), for ZeRO's optimizer offload, which
+        refuses a torch optimizer (or runs it slowly)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
             {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
         ]
+        if cpu_adam:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # builds its C++ op on first use (cached)
+            return DeepSpeedCPUAdam(groups, lr=learning_rate, betas=betas, adamw_mode=True)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
 

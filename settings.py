@@ -15,6 +15,13 @@ AT_LEAST = {
 BELOW_ONE = ('dropout', 'beta1', 'beta2')  # fractions in [0, 1)
 
 
+def check(config):
+    """ValueError naming the first setting that cannot work, and its fix."""
+    found = problem(config)
+    if found:
+        raise ValueError(found)
+
+
 def problem(config):
     """The first setting that cannot work, as one line that names the fix; '' when all can."""
     for key, least in AT_LEAST.items():

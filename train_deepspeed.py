@@ -82,30 +82,27 @@ seed = 1337
 sample_max_new_tokens = 0  # > 0: print a sample of this many tokens at the end
 sample_start = '\n'
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import configure
 
 config_keys, overrides = configure(globals(), dict_keys=('dataset',))
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
-import settings  # noqa: E402
-from ds_setup import die, init_distributed, prepare_process, resolve_ds_config, resolve_dtype  # noqa: E402
-from ds_setup import exit_cleanly, settle_cpu_dtype, share_cpu_cores, use_device, user_errors  # noqa: E402
+import settings
+from ds_setup import (die, exit_cleanly, init_distributed, offloads_optimizer, prepare_process,
+                      resolve_ds_config, resolve_dtype, settle_cpu_dtype, use_device, user_errors)
 
-bad_setting = settings.problem(config)  # before DeepSpeed loads: a wrong number costs a second, not five
-if bad_setting:
-    die(bad_setting)
+with user_errors():  # before DeepSpeed loads: a wrong number costs a second, not five
+    settings.check(config)
 
-prepare_process()  # a world of one for plain `python train_deepspeed.py`, as nanoGPT's train.py is
+prepare_process()  # a world of one for plain `python train_deepspeed.py`; CPU ranks share the cores
 
-import deepspeed  # noqa: E402  (after the environment is set: it picks its accelerator on import)
-import torch.distributed as dist  # noqa: E402
-from deepspeed.accelerator import get_accelerator  # noqa: E402
+import deepspeed  # (after the environment is set: it picks its accelerator on import)
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 accelerator = get_accelerator()
 on_gpu = accelerator.device_name() == 'cuda'
 local_rank, rank = int(os.environ['LOCAL_RANK']), int(os.environ['RANK'])
-if not on_gpu:
-    share_cpu_cores()  # the ranks on one host share its cores
 world_size = plan_gpus if dry_run and plan_gpus > 0 else int(os.environ['WORLD_SIZE'])
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 with user_errors():  # time_bf16: on a CPU with bf16 kernels, fp32 until bf16 is timed on the model below
@@ -177,7 +174,8 @@ with user_errors():
                                              world_size, grad_clip, dtype)
 torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own numbers
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
+cpu_adam = offloads_optimizer(ds_config)  # ZeRO's optimizer offload steps DeepSpeed's CPU Adam, same update
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), cpu_adam)
 model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
 client_state, note = {}, ''  # the progress a checkpoint saved, and a note on how it resumes

@@ -104,9 +104,11 @@ def test_dry_run_plans_gpt2_xl_on_four_gpus_from_here(tmp_path):
     proc = ok(dry_run(*args, '--plan_gpu_mem_gb=32'))
     assert '1,557,611,200 parameters' in proc.stdout
     assert '1 (micro) x 32 (accumulation) x 4 (world) = 128 sequences' in proc.stdout
-    row = r'^\s+([0-3])\s+(none|optimizer|optimizer\+params)\s+1 x 32\s+([\d.]+\s+){5}(yes|NO)$'
+    row = r'^\s+([0-3])\s+(none|optimizer|optimizer\+params)\s+1 x 32\s+([\d.]+\s+){5}(yes|NO)\s*(<- \S+)?$'
     rows = re.findall(row, proc.stdout, re.M)
     assert len(rows) == 8 and rows[0][3] == 'NO' and rows[3][:2] == ('2', 'none') and rows[3][3] == 'yes'
+    marked = [r[:2] for r in rows if r[4]]  # the row of the JSON in use
+    assert marked == [('2', 'none')] and rows[3][4] == '<- ds_config_zero2.json'
     recommended = r'recommended .*--batch_size=(\d+) --gradient_accumulation_steps=(\d+)'
     micro, accum = map(int, re.search(recommended, proc.stdout).groups())
     assert micro * accum * 4 == 128

@@ -1,0 +1,51 @@
+"""The shipped offload JSONs run for real on 2 CPU ranks: ZeRO-2 with the optimizer on the CPU, ZeRO-3 with
+the optimizer and the parameters there. DeepSpeed's CPU Adam steps the optimizer (DeepSpeed refuses a torch
+one there) with the same groups, betas and schedule: the losses are torch AdamW's. The runs resume exactly
+and export."""
+import sys
+
+import pytest
+import torch
+
+import checkpoints
+from conftest import TINY, expected_eval, launch, metrics, ok, run
+from model import GPT, GPTConfig
+
+ARGS = [*TINY, '--max_iters=6', '--eval_interval=3', '--lr_decay_iters=6', '--always_save_checkpoint=True']
+
+
+def losses(out_dir):
+    return {r['iter']: r['loss'] for r in metrics(out_dir) if 'loss' in r}
+
+
+@pytest.fixture(scope='module')
+def torch_adamw(tmp_path_factory):
+    """The same run under plain ZeRO-2, the optimizer torch's AdamW on each rank."""
+    out = tmp_path_factory.mktemp('adamw') / 'out'
+    ok(launch([*ARGS, f'--out_dir={out}']))
+    return losses(out)
+
+
+@pytest.mark.parametrize('json', ['ds_config_zero2_offload.json', 'ds_config_zero3_offload.json'])
+def test_offload_trains_like_adamw_resumes_and_exports(tmp_path, torch_adamw, json):
+    out = tmp_path / 'out'
+    ok(launch([*ARGS, f'--deepspeed_config={json}', f'--out_dir={out}']))
+    ran_with = checkpoints.read_client_state(str(out / 'final'))['ds_config']['zero_optimization']
+    assert ran_with['offload_optimizer']['device'] == 'cpu'
+    uninterrupted = losses(out)
+    assert sorted(uninterrupted) == list(range(6))
+    for it, loss in torch_adamw.items():  # CPU Adam's update is AdamW's, to float rounding
+        assert abs(uninterrupted[it] - loss) <= 1e-5, (it, uninterrupted[it], loss)
+
+    proc = ok(launch([*ARGS, f'--deepspeed_config={json}', f'--out_dir={out}', '--init_from=resume',
+                      '--resume_tag=iter_3']))
+    assert f'resumed at iter 3 from {out / "iter_3"}' in proc.stdout
+    for it in range(3, 6):
+        assert abs(losses(out)[it] - uninterrupted[it]) <= 1e-5, it
+
+    ok(run([sys.executable, 'export.py', f'--out_dir={out}', f'--export_dir={tmp_path / "export"}']))
+    exported = torch.load(tmp_path / 'export' / 'ckpt.pt', map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**exported['model_args']))
+    model.load_state_dict(exported['model'])
+    final = [r for r in metrics(out) if 'val_loss' in r][-1]
+    assert abs(expected_eval(model.eval())['val'] - final['val_loss']) <= 1e-5  # the trained weights
