@@ -27,6 +27,10 @@ STAGE0_ALLREDUCE_ELEMENTS = 500_000_000
 GIB = 2 ** 30
 # offload_optimizer: ZeRO 1-3; offload_param too: ZeRO-3 only
 OFFLOADS = ('none', 'optimizer', 'optimizer+params')
+# the JSONs that ship beside the trainer, by the (stage, offload) they run
+SHIPPED_JSONS = {(2, 'none'): 'ds_config_zero2.json', (3, 'none'): 'ds_config_zero3.json',
+                 (2, 'optimizer'): 'ds_config_zero2_offload.json',
+                 (3, 'optimizer+params'): 'ds_config_zero3_offload.json'}
 
 
 def largest_layer_params(config):
@@ -239,8 +243,12 @@ def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage,
             advice = f"ZeRO-{best['stage']}"
             if best['offload'] != 'none':
                 advice += f" with {best['offload']} offload"
-            if best['stage'] != stage:
-                advice += f' (zero_optimization in {config_path} says {stage})'
+            in_use = (stage, offload_of(ds_config))
+            shipped = SHIPPED_JSONS.get((best['stage'], best['offload']))
+            if (best['stage'], best['offload']) != in_use and shipped:
+                advice += f' --deepspeed_config={shipped}'
+            if (best['stage'], best['offload']) != in_use and not shipped:
+                advice += f' (no shipped JSON: set it in zero_optimization of {config_path})'
             advice += f" --batch_size={best['micro_batch']}"
             advice += f" --gradient_accumulation_steps={best['grad_accum']}"
             advice += f" ({best['total_gib']:.1f} GiB)"

@@ -192,3 +192,20 @@ def test_format_plan_reads_in_a_terminal():
     assert text.splitlines()[0] == 'gpt2-xl' and 'GiB per GPU' in text and ' NO' in text and ' yes' in text
     demo = mp.format_plan(mp.plan(DEMO, 16, 1, 2, 'bfloat16', zero_block('ds_config_zero2.json')))
     assert 'MiB per GPU' in demo and demo.count('\n') == 8 + 2  # header, rule, 8 rows, note
+
+
+RECOMMENDED_XL = [(24, ' --batch_size=4 '),
+                  (12, ' --deepspeed_config=ds_config_zero3.json --batch_size=1 '),
+                  (8, ' --deepspeed_config=ds_config_zero2_offload.json --batch_size=1 ')]
+
+
+@pytest.mark.parametrize('gpu_gib,advice', RECOMMENDED_XL)
+def test_the_recommendation_names_the_shipped_json_that_runs_it(gpu_gib, advice):
+    """gpt2-xl, 128 sequences on 4 GPUs, planned from ds_config_zero2.json: where another shipped JSON is
+    needed, the advice names it as the override that applies it, and only then."""
+    with open(os.path.join(REPO, 'ds_config_zero2.json')) as f:
+        ds_config = json.load(f)
+    text = mp.report(XL, 1, 32, 4, 'bfloat16', ds_config, 2, 'ds_config_zero2.json', gpu_gib * mp.GIB)
+    recommended = next(line for line in text.splitlines() if line.startswith('recommended'))
+    assert advice in recommended
+    assert recommended.count('--deepspeed_config') == advice.count('--deepspeed_config')
