@@ -173,30 +173,48 @@ def plan(config, micro_batch, grad_accum, world_size, dtype, ds_zero_config, gpu
             buf = buffer_bytes(ds_zero_config, stage, dtype, n, resident)
             total = gpu + act + buf
             rows.append(dict(stage=stage, offload=offload, micro_batch=micro_batch, grad_accum=grad_accum,
+                             checkpointing=checkpointing,
                              model_states_gib=gpu / GIB, activations_gib=act / GIB, buffers_gib=buf / GIB,
                              total_gib=total / GIB, cpu_gib=cpu / GIB,
                              fits=None if gpu_mem_bytes is None else total <= gpu_mem_bytes))
     return rows
 
 
-def recommend(config, global_batch, world_size, dtype, ds_zero_config, gpu_mem_bytes, checkpointing=False):
-    """The plan row that fits with micro_batch * grad_accum * world_size == global_batch (sequences per step):
-    no offload before offload (the CPU's Adam is slow), ZeRO 0-2 before 3 (which moves 1.5x the data), then
-    the largest micro batch (fewest micro steps), then the higher of ZeRO 0-2 (the same traffic, more
-    headroom). None when nothing fits."""
+def recommend(config, global_batch, world_size, dtype, ds_zero_config, gpu_mem_bytes):
+    """The fastest configuration a shipped JSON runs that fits with micro_batch * grad_accum * world_size ==
+    global_batch (sequences per step), or None. The cost model, slowest lever last: no offload before offload
+    (the step waits for the CPU's Adam and PCIe), then no gradient checkpointing (recomputation is about a
+    third more compute), then ZeRO-2 before ZeRO-3 (1.5x the communication), then the largest micro batch
+    (the fewest micro steps)."""
     if global_batch % world_size:
         raise ValueError(f'a global batch of {global_batch} sequences does not split over {world_size} ranks')
     per_rank = global_batch // world_size
     fitting = []
     for m in range(1, per_rank + 1):
-        if per_rank % m == 0:  # a micro batch that splits the rank's share into whole micro steps
+        if per_rank % m:
+            continue  # a micro batch must split the rank's share into whole micro steps
+        for checkpointing in (False, True):
             rows = plan(config, m, per_rank // m, world_size, dtype, ds_zero_config, gpu_mem_bytes,
                         checkpointing=checkpointing)
-            fitting += [r for r in rows if r['fits']]
+            fitting += [r for r in rows if r['fits'] and (r['stage'], r['offload']) in SHIPPED_JSONS]
 
-    def preference(r):  # the order of the docstring, lowest first
-        return OFFLOADS.index(r['offload']), r['stage'] == 3, -r['micro_batch'], -r['stage']
-    return min(fitting, key=preference, default=None)
+    def cost(r):  # the order of the docstring, cheapest first
+        return OFFLOADS.index(r['offload']), r['checkpointing'], r['stage'] == 3, -r['micro_batch']
+    return min(fitting, key=cost, default=None)
+
+
+def overrides_for(best, in_use, checkpointing):
+    """A recommended row as what it is and the command-line overrides that apply it to a run whose JSON runs
+    in_use (stage, offload) and whose gradient_checkpointing is checkpointing."""
+    advice = f"ZeRO-{best['stage']}"
+    if best['offload'] != 'none':
+        advice += f" with {best['offload']} offload"
+    if (best['stage'], best['offload']) != in_use:
+        advice += f" --deepspeed_config={SHIPPED_JSONS[best['stage'], best['offload']]}"
+    advice += f" --batch_size={best['micro_batch']} --gradient_accumulation_steps={best['grad_accum']}"
+    if best['checkpointing'] != checkpointing:
+        advice += f" --gradient_checkpointing={best['checkpointing']}"
+    return advice + f" ({best['total_gib']:.1f} GiB)"
 
 
 def format_plan(rows, title='', in_use=None):
@@ -236,24 +254,14 @@ def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage,
     lines = [format_plan(rows, in_use=(stage, offload_of(ds_config), config_path))]
     global_batch = micro_batch * grad_accum * world_size
     if gpu_mem_bytes:
-        best = recommend(config, global_batch, world_size, dtype, ds_config, gpu_mem_bytes, checkpointing)
-        if best is None:
-            advice = 'nothing fits: more GPUs, a shorter block_size or a smaller model'
-        else:
-            advice = f"ZeRO-{best['stage']}"
-            if best['offload'] != 'none':
-                advice += f" with {best['offload']} offload"
-            in_use = (stage, offload_of(ds_config))
-            shipped = SHIPPED_JSONS.get((best['stage'], best['offload']))
-            if (best['stage'], best['offload']) != in_use and shipped:
-                advice += f' --deepspeed_config={shipped}'
-            if (best['stage'], best['offload']) != in_use and not shipped:
-                advice += f' (no shipped JSON: set it in zero_optimization of {config_path})'
-            advice += f" --batch_size={best['micro_batch']}"
-            advice += f" --gradient_accumulation_steps={best['grad_accum']}"
-            advice += f" ({best['total_gib']:.1f} GiB)"
+        best = recommend(config, global_batch, world_size, dtype, ds_config, gpu_mem_bytes)
+        advice = 'nothing fits: more GPUs, a shorter block_size or a smaller model'
+        if best:
+            advice = overrides_for(best, (stage, offload_of(ds_config)), checkpointing)
         lines.append(f'recommended for {gpu_mem_bytes / GIB:.1f} GiB per GPU and {global_batch} sequences '
                      f'per step: {advice}')
+        lines.append('(the fastest that fits: no offload, then no gradient checkpointing, then ZeRO-2 before '
+                     'ZeRO-3, then the largest micro batch)')
     if cpu_runtime_gib is not None:  # CPU ranks write only what their buckets hold: count them that far
         rows = plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, resident=True,
                     checkpointing=checkpointing)

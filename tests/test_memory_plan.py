@@ -194,15 +194,19 @@ def test_format_plan_reads_in_a_terminal():
     assert 'MiB per GPU' in demo and demo.count('\n') == 8 + 2  # header, rule, 8 rows, note
 
 
-RECOMMENDED_XL = [(24, ' --batch_size=4 '),
-                  (12, ' --deepspeed_config=ds_config_zero3.json --batch_size=1 '),
-                  (8, ' --deepspeed_config=ds_config_zero2_offload.json --batch_size=1 ')]
+ZERO3, OFFLOAD = '--deepspeed_config=ds_config_zero3.json', '--deepspeed_config=ds_config_zero2_offload.json'
+RECOMMENDED_XL = [(24, ' --batch_size=4 --gradient_accumulation_steps=8 ('),
+                  (12, f' {ZERO3} --batch_size=1 --gradient_accumulation_steps=32 ('),
+                  (10, f' {ZERO3} --batch_size=2 --gradient_accumulation_steps=16 '
+                       '--gradient_checkpointing=True ('),
+                  (8, f' {OFFLOAD} --batch_size=1 --gradient_accumulation_steps=32 (')]
 
 
 @pytest.mark.parametrize('gpu_gib,advice', RECOMMENDED_XL)
 def test_the_recommendation_names_the_shipped_json_that_runs_it(gpu_gib, advice):
-    """gpt2-xl, 128 sequences on 4 GPUs, planned from ds_config_zero2.json: where another shipped JSON is
-    needed, the advice names it as the override that applies it, and only then."""
+    """gpt2-xl, 128 sequences on 4 GPUs, planned from ds_config_zero2.json: the fastest that fits by the
+    stated cost model (no offload, no recomputation, ZeRO-2, the largest micro batch, in that order), as the
+    overrides that apply it: another shipped JSON or gradient checkpointing only where needed."""
     with open(os.path.join(REPO, 'ds_config_zero2.json')) as f:
         ds_config = json.load(f)
     text = mp.report(XL, 1, 32, 4, 'bfloat16', ds_config, 2, 'ds_config_zero2.json', gpu_gib * mp.GIB)
