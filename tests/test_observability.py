@@ -114,7 +114,10 @@ def test_dry_run_plans_gpt2_xl_on_four_gpus_from_here(tmp_path):
     assert micro * accum * 4 == 128
     # no process group, nothing written
     assert not (tmp_path / 'out').exists() and 'shm_comm' not in proc.stdout
-    assert 'nothing fits' in ok(dry_run(*args, '--plan_gpu_mem_gb=2')).stdout
+    every_lever = ('--deepspeed_config=ds_config_zero3_offload.json --batch_size=1 '
+                   '--gradient_accumulation_steps=32 --gradient_checkpointing=True')
+    assert every_lever in ok(dry_run(*args, '--plan_gpu_mem_gb=2')).stdout  # 1.6 GiB planned
+    assert 'nothing fits' in ok(dry_run(*args, '--plan_gpu_mem_gb=1')).stdout
 
 
 def test_dry_run_predicts_the_cpu_demo_memory(tmp_path, cpu_demo):
