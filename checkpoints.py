@@ -83,16 +83,21 @@ def loadable_folder(out_dir, tag):
     return None
 
 
+def iter_number(tag):
+    """n of an iter_<n> tag, None for any other name ('final', 'iter_8_universal', ...)."""
+    numbered = re.fullmatch(r'iter_(\d+)', tag)
+    return int(numbered.group(1)) if numbered else None
+
+
 def newest_last(tag):
     """Sort key: other names, then iter_<n> by n, then 'final'."""
-    numbered = re.fullmatch(r'iter_(\d+)', tag)
-    return (tag == 'final', int(numbered.group(1)) if numbered else -1)
+    n = iter_number(tag)
+    return (tag == 'final', -1 if n is None else n)
 
 
 def iter_tags_by_age(out_dir):
     """(iter number, tag) of the iter_<n> tags, oldest first."""
-    numbered = [(int(m.group(1)), d) for d in complete_tags(out_dir) if (m := re.fullmatch(r'iter_(\d+)', d))]
-    return sorted(numbered)
+    return sorted((iter_number(tag), tag) for tag in complete_tags(out_dir) if iter_number(tag) is not None)
 
 
 def check_writable(out_dir):

@@ -203,11 +203,17 @@ def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size,
     return ds_config, stage
 
 
-def offloads_optimizer(ds_config):
-    """Whether the JSON puts the optimizer on the CPU (ZeRO's offload_optimizer), where DeepSpeed's CPU Adam
-    steps it: DeepSpeed refuses a torch optimizer there."""
-    device = ds_config.get('zero_optimization', {}).get('offload_optimizer', {}).get('device', 'none')
-    return device not in ('none', None)
+def offload_of(ds_config):
+    """What a DeepSpeed JSON (or its zero_optimization block) puts on the CPU: 'none', 'optimizer' or
+    'optimizer+params' (memory_plan.OFFLOADS). With the optimizer there, DeepSpeed's CPU Adam steps it:
+    DeepSpeed refuses a torch optimizer there."""
+    zero = ds_config.get('zero_optimization', ds_config)
+
+    def on_cpu(key):
+        return zero.get(key, {}).get('device', 'none') not in ('none', None)
+    if on_cpu('offload_param'):
+        return 'optimizer+params'
+    return 'optimizer' if on_cpu('offload_optimizer') else 'none'
 
 
 def prepare_process():

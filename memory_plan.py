@@ -13,7 +13,7 @@ from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from ds_setup import bf16_speedup, choose_dtype, die
+from ds_setup import bf16_speedup, choose_dtype, die, offload_of
 from model import GPT, GPTConfig, is_pretrained_source, num_params, pretrained_config
 from perf import memory_mb
 
@@ -38,17 +38,6 @@ def largest_layer_params(config):
     c_fc."""
     d = config.n_embd
     return max(config.vocab_size * d, config.block_size * d, 4 * d * d + 4 * d * config.bias)
-
-
-def offload_of(ds_config):
-    """The OFFLOADS entry a DeepSpeed JSON (or its zero_optimization block) asks for."""
-    zero = ds_config.get('zero_optimization', ds_config)
-
-    def on_cpu(key):
-        return zero.get(key, {}).get('device', 'none') not in ('none', None)
-    if on_cpu('offload_param'):
-        return 'optimizer+params'
-    return 'optimizer' if on_cpu('offload_optimizer') else 'none'
 
 
 def _check(stage, offload):

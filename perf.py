@@ -2,11 +2,13 @@
 The trainer's measuring helpers, kept out of the loop: peak FLOP/s for MFU, a per-phase timer that adds no
 host sync, and memory figures. MFU is model FLOPs (model.py's flops_per_token) over the device's peak.
 """
+import dataclasses
 import json
 import math
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import psutil
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import flops_per_token
@@ -80,7 +83,6 @@ def device_peak_flops(given, dtype, gpu_name=None, gemms=()):
         return given, 'given as peak_flops'
     if gpu_name:
         return gpu_peak_flops(gpu_name, dtype) or 0.0, 'data sheet'
-    import torch.distributed as dist
     best = max(matmul_flops(dtype, *gemm, seconds=0.05) for gemm in gemms)
     peak = torch.tensor(best, dtype=torch.float64)
     dist.all_reduce(peak)
@@ -258,10 +260,6 @@ class StepMeter:
 
     def __init__(self, model, block_size, micro_batch, tokens_per_iter, given_peak, dtype, on_gpu, local_rank,
                  time_phases):
-        import dataclasses
-        import socket
-
-        import torch.distributed as dist
         shape = dataclasses.replace(model.config, block_size=block_size)  # a resumed model may know more
         self.recomputes = model.gradient_checkpointing  # FLOPs it spends that MFU does not count
         self.flops_per_token = flops_per_token(shape)
@@ -300,7 +298,6 @@ class StepMeter:
 
     def record(self, iter_num, loss, lr, dt_ms, engine):
         """(metrics record, a line to say once or ''). Collective: the memory figures are the top rank's."""
-        import torch.distributed as dist
         tokens_per_s = self.tokens_per_iter / (dt_ms / 1000)
         record = {'iter': iter_num, 'loss': loss, 'lr': lr, 'dt_ms': dt_ms, 'tokens_per_s': tokens_per_s}
         share, why_no_mfu = mfu(self.flops_per_token * tokens_per_s, self.world_size, self.peak)

@@ -13,6 +13,8 @@ import threading
 import time
 
 import psutil
+import torch
+import torch.distributed as dist
 
 # DeepSpeed's launcher, signalled with its ranks (Ctrl-C in a terminal, a kill of the process group),
 # forwards a copy of the same notice to each rank at once: one arriving this soon after the first is not a
@@ -23,7 +25,6 @@ WATCH_EVERY_S = 1.0  # how often a rank looks for its launcher and runner
 
 class StopFlag:
     def __init__(self, on_gpu):
-        import torch.distributed as dist
         # the flag travels on the CPU (gloo) even beside NCCL: agreeing on it is no GPU sync
         self.group = dist.new_group(backend='gloo') if on_gpu else None
         self.signal_name, self.at = None, None
@@ -53,8 +54,6 @@ class StopFlag:
 
     def anywhere(self):
         """Whether any rank has had the signal. Collective: the ranks agree on where to stop."""
-        import torch
-        import torch.distributed as dist
         flag = torch.tensor(float(bool(self)))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return flag.item() > 0

@@ -88,7 +88,7 @@ config_keys, overrides = configure(globals(), dict_keys=('dataset',))
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
 import settings
-from ds_setup import (die, exit_cleanly, init_distributed, offloads_optimizer, prepare_process,
+from ds_setup import (die, exit_cleanly, init_distributed, offload_of, prepare_process,
                       resolve_ds_config, resolve_dtype, settle_cpu_dtype, use_device, user_errors)
 
 with user_errors():  # before DeepSpeed loads: a wrong number costs a second, not five
@@ -174,7 +174,7 @@ with user_errors():
                                              world_size, grad_clip, dtype)
 torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own numbers
 
-cpu_adam = offloads_optimizer(ds_config)  # ZeRO's optimizer offload steps DeepSpeed's CPU Adam, same update
+cpu_adam = offload_of(ds_config) != 'none'  # ZeRO's optimizer offload steps DeepSpeed's CPU Adam, same update
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), cpu_adam)
 model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
