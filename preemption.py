@@ -21,6 +21,9 @@ import torch.distributed as dist
 # second signal
 SAME_NOTICE_S = 2.0
 WATCH_EVERY_S = 1.0  # how often a rank looks for its launcher and runner
+# what a rank can have seen, numbered so that the ranks agree on one with a MAX all_reduce (the runner's end
+# outranks the rest: each rank's watcher sees it on its own second, and rank 0 says what happened)
+REASONS = (None, 'SIGINT', 'SIGTERM', "the end of DeepSpeed's launch.py", 'the end of the deepspeed command')
 
 
 class StopFlag:
@@ -53,10 +56,11 @@ class StopFlag:
         return self.signal_name is not None
 
     def anywhere(self):
-        """Whether any rank has had the signal. Collective: the ranks agree on where to stop."""
-        flag = torch.tensor(float(bool(self)))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return flag.item() > 0
+        """What any rank has seen (a name from REASONS), None when no rank has. Collective: the ranks agree on
+        where to stop and why."""
+        seen = torch.tensor(REASONS.index(self.signal_name))
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=self.group)
+        return REASONS[seen.item()]
 
 
 def deepspeed_launcher_and_runner():

@@ -347,7 +347,7 @@ while True:
     if not step_skipped:
         nonfinite_streak = torch.where(torch.isfinite(loss_sum), 0.0, nonfinite_streak + 1)
         nonfinite_worst = torch.maximum(nonfinite_worst, nonfinite_streak)
-    stopping = stop_signal.anywhere()
+    stop_reason = stop_signal.anywhere()  # None, or the signal any rank had
 
     # log: the only host syncs of the loop
     if iter_num % log_interval == 0 or iter_num == max_iters:
@@ -369,13 +369,12 @@ while True:
             stop_nonfinite(f'in {longest_streak:.0f} iterations in a row (up to iter {iter_num - 1}; '
                            f'max_nonfinite={max_nonfinite})')
         nonfinite_worst.zero_()
-    if stopping and iter_num < max_iters:  # pre-empted: every rank saves this step, then exits 0
+    if stop_reason and iter_num < max_iters:  # pre-empted: every rank saves this step, then exits 0
         tag = f'iter_{iter_num}'
         save(tag)
         if master_process:
-            why = stop_signal.signal_name or 'a signal to another rank'
-            say(f'{why}: stopped after iter {iter_num - 1} and saved {os.path.join(out_dir, tag)}; go on '
-                f'with --init_from=resume')
+            say(f'{stop_reason}: stopped after iter {iter_num - 1} and saved {os.path.join(out_dir, tag)}; '
+                f'go on with --init_from=resume')
         preempted = True
         break
 

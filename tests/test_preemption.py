@@ -4,6 +4,7 @@ run_deepspeed_xl.sh, every rank finishes the step it is in, they save one checkp
 line naming the tag and how to go on, and exit 0 (the runner that died of the signal excepted); no process is
 left behind. Resumed, the run logs exactly the losses of one that never stopped. A second signal while the
 first waits for a long step ends the run at once, saving nothing. Real 2-rank DeepSpeed runs on CPU (gloo)."""
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 import checkpoints
+import preemption
 from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
 
 
@@ -133,3 +135,28 @@ def test_second_signal_exits_at_once(tmp_path):
     stdout = proc.communicate(timeout=60)[0]
     assert proc.returncode != 0 and time.time() - t < 20, stdout[-3000:]
     assert 'stopped after iter' not in stdout and checkpoints.latest_tag(str(out)) is None
+
+
+def agreed_reason(rank, port, seen, results):
+    """One rank of a 2-process gloo world: StopFlag.anywhere() after this rank has seen `seen`."""
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    flag = preemption.StopFlag(on_gpu=False)
+    flag.signal_name = seen
+    results.put((rank, flag.anywhere()))
+    dist.destroy_process_group()
+
+
+def test_the_ranks_agree_on_why_they_stop():
+    """Each rank's watcher notices the runner's end on its own second: rank 0, which says why the run stopped,
+    says what the rank that noticed saw, not that it saw nothing."""
+    ctx = multiprocessing.get_context('fork')
+    results, port = ctx.Queue(), free_port()
+    seen = [None, 'the end of the deepspeed command']
+    procs = [ctx.Process(target=agreed_reason, args=(rank, port, seen[rank], results)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    agreed = dict(results.get(timeout=60) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+    assert agreed == {0: 'the end of the deepspeed command', 1: 'the end of the deepspeed command'}
