@@ -5,6 +5,7 @@ computes well, starting the process group with two fixes for DeepSpeed's CPU bac
 stops on a user error.
 """
 import contextlib
+import faulthandler
 import json
 import os
 import signal
@@ -237,6 +238,8 @@ def prepare_process():
         os.environ.setdefault('TORCH_EXTENSIONS_DIR', os.path.join(sys.prefix, 'torch_extensions'))
     if os.environ['RANK'] != '0':  # one progress bar, rank 0's: another's half-drawn bar swallowed an error
         os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'  # transformers' bars follow the hub's
+    # a run that seems stuck: `kill -USR1 <a rank's pid>` prints where each of its threads is, and it goes on
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def share_cpu_cores():

@@ -32,6 +32,26 @@ def start(args, ranks=2):
                             text=True, start_new_session=True)
 
 
+def finish(proc, timeout=120):
+    """The stdout of a started launch once it has exited. Past timeout, each rank prints its threads' stacks
+    (SIGUSR1, ds_setup.prepare_process) before the session is killed: the failure shows where it hung."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for rank in ranks_of(proc):
+            rank.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        below = psutil.Process(proc.pid).children(recursive=True)
+        tree = '\n'.join(f'{p.pid} {p.status()} {" ".join(p.cmdline())[:150]}' for p in below)
+        for p in [proc, *below]:  # run_deepspeed_xl.sh starts the launch in a session of its own
+            p.kill()
+        stdout = proc.communicate()[0]
+        stacks = '\n'.join(line for line in stdout.splitlines()
+                           if line.startswith(('Thread 0x', 'Current thread', '  File ')))
+        said = f'still running after {timeout} s:\n{tree}\n{stacks}\n{stdout[-3000:]}'
+        raise AssertionError(said) from None
+
+
 def ranks_of(proc):
     """The rank processes under a started launch: the ones given --local_rank=."""
     below = psutil.Process(proc.pid).children(recursive=True)
@@ -61,7 +81,7 @@ def test_sigterm_to_the_ranks_saves_and_the_resumed_run_is_exact(tmp_path, mix):
     wait_for_iters(out, 4, proc)
     for rank in ranks_of(proc):
         rank.send_signal(signal.SIGTERM)
-    stdout = proc.communicate(timeout=120)[0]
+    stdout = finish(proc)
     assert proc.returncode == 0, stdout[-3000:]
     said = [line for line in stdout.splitlines() if line.startswith('SIGTERM: stopped after iter')]
     assert len(said) == 1, stdout[-3000:]
@@ -91,7 +111,7 @@ def test_ctrl_c_to_the_run_script_saves_and_exits_0(tmp_path):
                             text=True, start_new_session=True)
     wait_for_iters(out, 3, proc)
     proc.send_signal(signal.SIGINT)  # to the script alone, as a terminal's Ctrl-C reaches its foreground job
-    stdout = proc.communicate(timeout=120)[0]
+    stdout = finish(proc)
     assert proc.returncode == 0, stdout[-3000:]
     tag = checkpoints.latest_tag(str(out))
     assert f'SIGTERM: stopped after iter {int(tag[5:]) - 1} and saved {out / tag}' in stdout
@@ -107,7 +127,7 @@ def test_sigterm_to_the_deepspeed_command_saves(tmp_path):
     wait_for_iters(out, 3, proc)
     below = psutil.Process(proc.pid).children(recursive=True)  # launch.py and the ranks
     proc.send_signal(signal.SIGTERM)  # to the runner alone
-    stdout = proc.communicate(timeout=120)[0]  # the ranks hold its stdout until they exit
+    stdout = finish(proc)  # the ranks hold its stdout until they exit
     assert proc.returncode == -signal.SIGTERM, stdout[-3000:]
     said = [line for line in stdout.splitlines() if 'stopped after iter' in line]
     assert len(said) == 1, stdout[-3000:]
@@ -132,7 +152,7 @@ def test_second_signal_exits_at_once(tmp_path):
     t = time.time()
     for rank in ranks:
         rank.send_signal(signal.SIGTERM)
-    stdout = proc.communicate(timeout=60)[0]
+    stdout = finish(proc, timeout=60)
     assert proc.returncode != 0 and time.time() - t < 20, stdout[-3000:]
     assert 'stopped after iter' not in stdout and checkpoints.latest_tag(str(out)) is None
 
