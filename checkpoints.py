@@ -188,9 +188,9 @@ def check_before_load(saved, ds_config, world_size):
 
 
 def resume(engine, saved, batch_rng, seed):
-    """Load the checkpoint into the engine and continue this rank's random streams. Returns (client state, a
-    note for rank 0 to print or ''). ValueError when DeepSpeed cannot load this rank's files: this rank alone
-    may know it."""
+    """Load the checkpoint into the engine and continue this rank's random streams. Returns (client state,
+    what rank 0 prints: where it resumed, and how). ValueError when DeepSpeed cannot load this rank's files:
+    this rank alone may know it."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
         load_path, client = engine.load_checkpoint(os.path.dirname(saved['dir']), tag=saved['folder'])
@@ -201,16 +201,16 @@ def resume(engine, saved, batch_rng, seed):
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load {saved['dir']} on rank {rank} ({reason}): resume from "
                          f'another tag with --resume_tag')
-    saved_ranks = len(client['rng_states'])
+    saved_ranks, iter_num = len(client['rng_states']), client['iter_num']
+    said = f"resumed at iter {iter_num} from {saved['dir']}"
     if saved_ranks == world_size:  # every rank continues its own random streams
         restore_rng_streams(client['rng_states'][rank], batch_rng)
-        return client, ''
+        return client, said
     # fresh streams, new to each rank: continuing, but not what an unbroken run would have drawn
-    iter_num = client['iter_num']
     batch_rng.bit_generator.state = np.random.default_rng([seed, rank, iter_num]).bit_generator.state
     torch.manual_seed(seed + rank + 1000 * iter_num)
-    return client, (f'note: {saved_ranks} ranks saved this checkpoint, {world_size} resume it: the weights '
-                    f'and optimizer carry over, the batch order starts afresh')
+    return client, (f'{said}\nnote: {saved_ranks} ranks saved this checkpoint, {world_size} resume it: the '
+                    f'weights and optimizer carry over, the batch order starts afresh')
 
 
 def rng_streams(batch_rng):

@@ -39,6 +39,8 @@ def problem(config):
         nearest = max(n_head, n_embd // n_head * n_head)
         return (f'n_embd={n_embd} does not split into n_head={n_head} heads: '
                 f'use a multiple, like --n_embd={nearest}')
+    if config['compile'] not in (True, False, 'auto'):
+        return f"compile={config['compile']!r} cannot work: use --compile=True, False or auto"
     if not config['out_dir']:
         return "out_dir='' would write checkpoints into the current folder: name one, like --out_dir=out"
     return ''

@@ -78,18 +78,20 @@ min_lr = 3e-6  # usually learning_rate / 10
 # system
 deepspeed_config = 'ds_config_zero2.json'  # ZeRO settings; batch, clipping and precision come from here
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16', 'auto': bf16 from Ampere (fp16 before); CPU: where it pays
+compile = 'auto'  # torch.compile through DeepSpeed's engine; auto: where it pays (ds_setup.resolve_compile)
 seed = 1337
 sample_max_new_tokens = 0  # > 0: print a sample of this many tokens at the end
 sample_start = '\n'
 # -----------------------------------------------------------------------------
 from configurator import configure
 
-config_keys, overrides = configure(globals(), dict_keys=('dataset',))
+config_keys, overrides = configure(globals())
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
 import settings
 from ds_setup import (die, exit_cleanly, init_distributed, offload_of, prepare_process,
-                      resolve_ds_config, resolve_dtype, settle_cpu_dtype, use_device, user_errors)
+                      resolve_compile, resolve_ds_config, resolve_dtype, settle_cpu_dtype, use_device,
+                      user_errors)
 
 with user_errors():  # before DeepSpeed loads: a wrong number costs a second, not five
     settings.check(config)
@@ -109,7 +111,8 @@ with user_errors():  # time_bf16: on a CPU with bf16 kernels, fp32 until bf16 is
     dtype, dtype_why, time_bf16 = resolve_dtype(config, on_gpu, local_rank)
     ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps,
                                          world_size, grad_clip, dtype)
-config.update(dtype=dtype, zero_stage=stage)
+compile, compile_note = resolve_compile(compile, on_gpu, stage)  # auto: on with GPUs under ZeRO 0-2
+config.update(dtype=dtype, zero_stage=stage, compile=compile)
 device = use_device(accelerator, local_rank, on_gpu)
 torch.manual_seed(seed)  # the same on every rank: a scratch model starts identical everywhere
 
@@ -177,8 +180,10 @@ torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own
 cpu_adam = offload_of(ds_config) != 'none'  # ZeRO's optimizer offload steps DeepSpeed's CPU Adam, same update
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), cpu_adam)
 model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+if compile:  # in place (nn.Module.compile): parameter names, checkpoints and exports are as without it
+    model_engine.compile()
 
-client_state, note = {}, ''  # the progress a checkpoint saved, and a note on how it resumes
+client_state, note = {}, ''  # the progress a checkpoint saved; where and how it resumed
 if saved:
     with user_errors(alone=True):  # this rank's files: the others may have loaded theirs
         client_state, note = checkpoints.resume(model_engine, saved, batch_rng, seed)
@@ -198,10 +203,9 @@ if master_process:
           f'{world_size} rank(s) on {accelerator.device_name()} ({dist.get_backend()}); train_batch_size = '
           f'{batch_size} x {gradient_accumulation_steps} x {world_size} = {ds_config["train_batch_size"]} '
           f'sequences, {tokens_per_iter:,} tokens per iter')
-    if saved:
-        print(f"resumed at iter {iter_num} from {saved['dir']}")
-    if note:
-        print(note)
+    for line in (note, compile_note):  # how it resumed; that the model compiles at first
+        if line:
+            print(line)
     if dtype_why:
         print(f'dtype auto -> {dtype}: {dtype_why}')
     if world_size == 1 and stage > 0:  # docs/performance.md: ZeRO-2 ran 0.89x the plain loop on one CPU rank

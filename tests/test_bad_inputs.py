@@ -159,6 +159,8 @@ TRAINER_CASES = {
     'beta2_above_one': (lambda tmp, out: ['--beta2=1.5'], ['beta2=1.5', 'up to (not including) 1']),
     'grad_clip_negative': (lambda tmp, out: ['--grad_clip=-1.0'], ['grad_clip=-1.0', '--grad_clip=0.0']),
     'out_dir_empty': (lambda tmp, out: ['--out_dir='], ["out_dir=''", '--out_dir=out']),
+    'compile_neither_bool_nor_auto': (lambda tmp, out: ['--compile=yes'], ["compile='yes' cannot work",
+                                                                        '--compile=True, False or auto']),
 }
 
 

@@ -27,6 +27,11 @@ def test_types_are_checked():
     # a text setting takes the text as written, whatever it would parse as
     texts = parse_overrides(['--dataset=3', '--init_from=0,2'], {**DEFAULTS, 'init_from': 'x'})
     assert texts == {'dataset': '3', 'init_from': '0,2'}
+    # ... unless the script lets it take one other type too (train_deepspeed.py: compile='auto' or a bool)
+    compile_setting = {'compile': 'auto'}
+    assert parse_overrides(['--compile=False'], compile_setting) == {'compile': 'False'}
+    assert parse_overrides(['--compile=False'], compile_setting, also={'compile': bool}) == {'compile': False}
+    assert parse_overrides(['--compile=auto'], compile_setting, also={'compile': bool}) == {'compile': 'auto'}
     for bad in ('--batch_size=1.5', '--decay_lr=1', '--batch_size=four', '--learning_rate=True',
                 "--batch_size='3'"):
         with pytest.raises(ValueError, match='expected'):
