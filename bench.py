@@ -4,9 +4,11 @@ trainer on the DeepSpeed engine with ZeRO 0, 2 and 3, on 1 and 2 ranks, side by 
 $ python bench.py                                  # CPU: a small GPT; 2 CPU ranks share this machine's cores
 $ python bench.py --n_layer=12 --n_embd=768 --block_size=1024 --dtype=bfloat16 --json=bench.json
 $ python bench.py --gpu_shapes=True                # GPUs: also the gpt2 (124M) and gpt2-xl shapes, block 1024
-Rows: name, tokens_per_s (global), mfu, ratio_vs_plain. The DeepSpeed rows are train_deepspeed.py itself,
-launched by the deepspeed launcher, timed from its own metrics.jsonl; 'no phase timers' measures what
-time_phases costs.
+Rows: name, tokens_per_s (global), mfu, ratio_vs_plain, first_iter_s. The DeepSpeed rows are
+train_deepspeed.py itself, launched by the deepspeed launcher, timed from its own metrics.jsonl; 'no phase
+timers' measures what time_phases costs, and the levers (gradient checkpointing, compile, optimizer offload)
+each run beside the ZeRO-2 1-rank row they change. first_iter_s is the first iteration's time: compilation,
+for the compile row.
 """
 import json as jsonlib  # the name json is the --json option below
 import os
@@ -26,6 +28,11 @@ from ds_setup import die
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
 from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
 
+LEVERS = {  # name -> (its row's suffix, the trainer's arguments for it)
+    'gradient_checkpointing': ('gradient checkpointing', ('--gradient_checkpointing=True',)),
+    'compile': ('compile', ('--compile=True',)),
+    'offload': ('optimizer offload', ('--deepspeed_config=ds_config_zero2_offload.json',)),
+}
 # -----------------------------------------------------------------------------
 n_layer, n_head, n_embd, block_size = 4, 4, 256, 128
 batch_size = 8  # micro batch per rank
@@ -40,12 +47,16 @@ repeats = 2
 stages = '0,2,3'
 worlds = '1,2'  # rank counts for the DeepSpeed rows (GPUs, or CPU processes sharing the cores)
 gpu_shapes = False  # also gpt2 and gpt2-xl at block 1024 (a GPU with the memory for them)
+levers = 'gradient_checkpointing,compile,offload'  # each a row beside ZeRO-2 on 1 rank; '' for none
 json = ''  # a file to write the rows to, as JSON
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
 configure(globals())
 # every row's batch split, checked before anything is timed
+unknown = [lever for lever in levers.split(',') if lever and lever not in LEVERS]
+if unknown:
+    die(f"levers: unknown {', '.join(unknown)}; use some of {','.join(LEVERS)} (or '' for none)")
 if global_batch % batch_size:
     die(f'global_batch={global_batch} is not a multiple of batch_size={batch_size}')
 for ranks in map(int, worlds.split(',')):
@@ -94,14 +105,18 @@ def plain(shape, accumulation):
     return statistics.median(times[warmup_iters:])
 
 
-def deepspeed_run(shape, stage, ranks, accumulation, workdir, extra=()):
-    """train_deepspeed.py on `ranks` ranks; the median of its logged per-iter times after warmup."""
+first_iter_s = {}  # row name -> its first iteration's seconds (the last round's)
+
+
+def deepspeed_run(shape, stage, ranks, accumulation, workdir, row, extra=()):
+    """train_deepspeed.py on `ranks` ranks; the median of its logged per-iter times after warmup. Every row
+    states compile (auto would compile on GPUs) and its JSON, unless extra says otherwise."""
     config_name = 'ds_config_zero2.json' if stage < 3 else 'ds_config_zero3.json'
     cfg = jsonlib.load(open(os.path.join(HERE, config_name)))
     cfg['zero_optimization'] = {**cfg.get('zero_optimization', {}), 'stage': stage} if stage else {'stage': 0}
     config_path = os.path.join(workdir, f'zero{stage}.json')
     jsonlib.dump(cfg, open(config_path, 'w'))
-    out = os.path.join(workdir, f'out-{stage}-{ranks}-{len(extra)}')
+    out = os.path.join(workdir, 'out')
     deepspeed = os.path.join(os.path.dirname(sys.executable), 'deepspeed')
     cmd = [deepspeed, '--num_gpus', str(ranks), 'train_deepspeed.py', '--init_from=scratch',
            f'--n_layer={shape.n_layer}', f'--n_head={shape.n_head}', f'--n_embd={shape.n_embd}',
@@ -109,7 +124,7 @@ def deepspeed_run(shape, stage, ranks, accumulation, workdir, extra=()):
            f'--gradient_accumulation_steps={accumulation}', f'--dataset={dataset}', f'--dtype={dtype}',
            f'--deepspeed_config={config_path}', f'--out_dir={out}', f'--max_iters={warmup_iters + iters}',
            f'--eval_interval={10 ** 9}', '--eval_iters=1', '--log_interval=1', '--warmup_iters=0',
-           '--progress=False', f'--peak_flops={peak}', *extra]
+           '--progress=False', f'--peak_flops={peak}', '--compile=False', *extra]
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     proc = subprocess.run(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -119,6 +134,7 @@ def deepspeed_run(shape, stage, ranks, accumulation, workdir, extra=()):
         die(f'{command} failed:\n{proc.stdout[-3000:]}')
     records = [jsonlib.loads(line) for line in open(os.path.join(out, 'metrics.jsonl'))]
     times = [r['dt_ms'] / 1e3 for r in records if 'dt_ms' in r and r['iter'] >= warmup_iters]
+    first_iter_s[row] = next(r['dt_ms'] / 1e3 for r in records if 'dt_ms' in r)
     shutil.rmtree(out, ignore_errors=True)  # the checkpoint is not what we came for
     return statistics.median(times)
 
@@ -149,12 +165,16 @@ with tempfile.TemporaryDirectory() as workdir:
             accumulation = global_batch // (batch_size * ranks)
             for stage in map(int, stages.split(',')):
                 plural = 's' if ranks > 1 else ''
-                measure = partial(deepspeed_run, shape, stage, ranks, accumulation, workdir)
-                runs.append((f'DeepSpeed ZeRO-{stage}, {ranks} rank{plural}', measure, ranks))
+                name = f'DeepSpeed ZeRO-{stage}, {ranks} rank{plural}'
+                measure = partial(deepspeed_run, shape, stage, ranks, accumulation, workdir, name)
+                runs.append((name, measure, ranks))
                 if stage == 2 and ranks == 1:
-                    no_timers = ('--time_phases=False',)
-                    measure = partial(deepspeed_run, shape, 2, 1, accumulation, workdir, no_timers)
-                    runs.append(('DeepSpeed ZeRO-2, 1 rank, no phase timers', measure, 1))
+                    variants = [('no phase timers', ('--time_phases=False',))]
+                    variants += [LEVERS[lever] for lever in levers.split(',') if lever]
+                    for suffix, extra in variants:
+                        row = f'{name}, {suffix}'
+                        measure = partial(deepspeed_run, shape, 2, 1, accumulation, workdir, row, extra)
+                        runs.append((row, measure, 1))
         best = [0.0] * len(runs)
         for round_ in range(repeats):
             for i, (name, measure, ranks) in enumerate(runs):
@@ -165,10 +185,13 @@ with tempfile.TemporaryDirectory() as workdir:
             # MFU over the devices in use; CPU ranks share one machine's peak
             devices = ranks if on_gpu else 1
             row = dict(name=f'{label}: {name}' if len(shapes) > 1 else name, tokens_per_s=tps,
-                       mfu=fpt * tps / (devices * peak) if peak else None, ratio_vs_plain=tps / best[0])
+                       mfu=fpt * tps / (devices * peak) if peak else None, ratio_vs_plain=tps / best[0],
+                       first_iter_s=first_iter_s.get(name))
             rows.append(row)
-            print(f"{row['name']:<48} {tps:>12,.0f} tok/s  MFU {row['mfu'] or 0:6.1%}  "
-                  f"{row['ratio_vs_plain']:.3f}x plain", flush=True)
+            first = f"  first iter {row['first_iter_s']:.1f} s" if row['first_iter_s'] else ''
+            print(f"{row['name']:<58} {tps:>12,.0f} tok/s  MFU {row['mfu'] or 0:6.1%}  "
+                  f"{row['ratio_vs_plain']:.3f}x plain{first}", flush=True)
+        first_iter_s.clear()  # the next shape's rows have the same names
 
 
 def timer_cost_s(marks=20000):
