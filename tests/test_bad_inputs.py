@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import checkpoints
-from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, ok, one_error, run, sh, slow_rank, snapshot
+from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, one_error, run, sh, slow_rank, snapshot
 from conftest import tiny_hf
 
 SCRIPT = os.path.join(REPO, 'run_deepspeed_xl.sh')
@@ -23,10 +23,10 @@ OFFLINE = env(HF_HUB_OFFLINE='1', HF_HOME=tempfile.mkdtemp())  # no test reaches
 
 
 @pytest.fixture(scope='session')
-def finished_run(tmp_path_factory):
-    """out_dir of a real finished 2-rank run: latest -> final, the final shards, metrics.jsonl, run.json."""
-    out = tmp_path_factory.mktemp('finished') / 'out'
-    ok(launch([*TINY, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2']))
+def finished_run(saved_run):
+    """out_dir of a real finished 2-rank run: latest -> final, the shards of final and two iter_* tags,
+    metrics.jsonl, run.json. Each case changes a copy of it."""
+    out = saved_run[0]
     assert checkpoints.latest_tag(str(out)) == 'final' and (out / 'final').is_dir()
     return out
 
