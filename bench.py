@@ -4,11 +4,12 @@ trainer on the DeepSpeed engine with ZeRO 0, 2 and 3, on 1 and 2 ranks, side by 
 $ python bench.py                                  # CPU: a small GPT; 2 CPU ranks share this machine's cores
 $ python bench.py --n_layer=12 --n_embd=768 --block_size=1024 --dtype=bfloat16 --json=bench.json
 $ python bench.py --gpu_shapes=True                # GPUs: also the gpt2 (124M) and gpt2-xl shapes, block 1024
-Rows: name, tokens_per_s (global), mfu, ratio_vs_plain, first_iter_s. The DeepSpeed rows are
+Rows: name, tokens_per_s (global), mfu, ratio_vs_plain, run_s, first_iter_s. The DeepSpeed rows are
 train_deepspeed.py itself, launched by the deepspeed launcher, timed from its own metrics.jsonl; 'no phase
 timers' measures what time_phases costs, and the levers (gradient checkpointing, compile, optimizer offload)
-each run beside the ZeRO-2 1-rank row they change. first_iter_s is the first iteration's time: compilation,
-for the compile row.
+each run beside the ZeRO-2 1-rank row they change. run_s is a row's whole launch, start to exit, and
+first_iter_s its first iteration, both from its first round, which compiles from an empty inductor cache: the
+compile row's run_s less the plain ZeRO-2 row's is what compiling costs a first run.
 """
 import json as jsonlib  # the name json is the --json option below
 import os
@@ -105,7 +106,7 @@ def plain(shape, accumulation):
     return statistics.median(times[warmup_iters:])
 
 
-first_iter_s = {}  # row name -> its first iteration's seconds (the last round's)
+first_round = {}  # row name -> (run_s, first_iter_s) of its first round
 
 
 def deepspeed_run(shape, stage, ranks, accumulation, workdir, row, extra=()):
@@ -125,7 +126,9 @@ def deepspeed_run(shape, stage, ranks, accumulation, workdir, row, extra=()):
            f'--deepspeed_config={config_path}', f'--out_dir={out}', f'--max_iters={warmup_iters + iters}',
            f'--eval_interval={10 ** 9}', '--eval_iters=1', '--log_interval=1', '--warmup_iters=0',
            '--progress=False', f'--peak_flops={peak}', '--compile=False', *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    inductor_cache = tempfile.mkdtemp(dir=workdir)  # every compile from nothing, as on a new machine
+    env = dict(os.environ, PYTHONUNBUFFERED='1', TORCHINDUCTOR_CACHE_DIR=inductor_cache)
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         # die exits at once (os._exit): the TemporaryDirectory around the rows would not clean up
@@ -134,8 +137,10 @@ def deepspeed_run(shape, stage, ranks, accumulation, workdir, row, extra=()):
         die(f'{command} failed:\n{proc.stdout[-3000:]}')
     records = [jsonlib.loads(line) for line in open(os.path.join(out, 'metrics.jsonl'))]
     times = [r['dt_ms'] / 1e3 for r in records if 'dt_ms' in r and r['iter'] >= warmup_iters]
-    first_iter_s[row] = next(r['dt_ms'] / 1e3 for r in records if 'dt_ms' in r)
+    first_iter_s = next(r['dt_ms'] / 1e3 for r in records if 'dt_ms' in r)
+    first_round.setdefault(row, (time.perf_counter() - t0, first_iter_s))
     shutil.rmtree(out, ignore_errors=True)  # the checkpoint is not what we came for
+    shutil.rmtree(inductor_cache, ignore_errors=True)
     return statistics.median(times)
 
 
@@ -186,12 +191,15 @@ with tempfile.TemporaryDirectory() as workdir:
             devices = ranks if on_gpu else 1
             row = dict(name=f'{label}: {name}' if len(shapes) > 1 else name, tokens_per_s=tps,
                        mfu=fpt * tps / (devices * peak) if peak else None, ratio_vs_plain=tps / best[0],
-                       first_iter_s=first_iter_s.get(name))
+                       run_s=None, first_iter_s=None)
+            first = ''
+            if name in first_round:
+                row['run_s'], row['first_iter_s'] = first_round[name]
+                first = f"  run {row['run_s']:.0f} s, first iter {row['first_iter_s']:.1f} s"
             rows.append(row)
-            first = f"  first iter {row['first_iter_s']:.1f} s" if row['first_iter_s'] else ''
             print(f"{row['name']:<58} {tps:>12,.0f} tok/s  MFU {row['mfu'] or 0:6.1%}  "
                   f"{row['ratio_vs_plain']:.3f}x plain{first}", flush=True)
-        first_iter_s.clear()  # the next shape's rows have the same names
+        first_round.clear()  # the next shape's rows have the same names
 
 
 def timer_cost_s(marks=20000):
