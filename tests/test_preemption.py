@@ -102,13 +102,20 @@ def test_sigterm_to_the_ranks_saves_and_the_resumed_run_is_exact(tmp_path, mix):
     assert last['val_loss'] == pytest.approx(weighted)
 
 
+def as_a_terminal_starts_it():
+    """SIGINT at its default, as in a terminal's foreground job. A background job of a non-interactive shell
+    (`nohup ... &`, some CI runners) starts with SIGINT ignored, passes that on to everything it starts, and
+    bash cannot trap a signal it started with ignored: run so, the script never sees the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_to_the_run_script_saves_and_exits_0(tmp_path):
     out = tmp_path / 'out'
     script = os.path.join(REPO, 'run_deepspeed_xl.sh')
     cmd = [script, '--cpu-demo', '--master_port', str(free_port()), f'--out_dir={out}', '--max_iters=100000',
            '--log_interval=1', '--dtype=float32']
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=as_a_terminal_starts_it)
     wait_for_iters(out, 3, proc)
     proc.send_signal(signal.SIGINT)  # to the script alone, as a terminal's Ctrl-C reaches its foreground job
     stdout = finish(proc)
