@@ -15,7 +15,7 @@ import sys
 import torch
 
 import checkpoints
-from ds_setup import die
+from ds_setup import die, user_errors
 
 out_dir = 'out-shakespeare-xl-deepspeed'  # the run's out_dir (a tag folder inside it works too)
 tag = ''  # e.g. 'iter_10'; empty: the tag that out_dir/latest names
@@ -40,18 +40,14 @@ def save_transformers(model, folder, gpt2_bpe):
 if __name__ == '__main__':
     from configurator import configure
     configure(globals())
-    try:
+    with user_errors():
         out_dir, tag = checkpoints.find(out_dir, tag)
-    except ValueError as e:
-        die(str(e))
     export_dir = export_dir or f'{os.path.normpath(out_dir)}-{tag}'
     taken = os.path.isfile(export_dir) or (os.path.isdir(export_dir) and os.listdir(export_dir))
     if taken:
         die(f'{export_dir} already exists and is not empty: pick a new --export_dir (nothing was written)')
-    try:
+    with user_errors():
         model, client = checkpoints.load_model(out_dir, tag)
-    except ValueError as e:
-        die(str(e))
     meta_path = checkpoints.vocabulary_of(out_dir, client)
     # write beside, then rename: an interrupted export leaves no half-written export_dir behind
     partial = f'{os.path.normpath(export_dir)}.partial'

@@ -32,7 +32,7 @@ from configurator import configure  # noqa: E402
 
 configure(globals())
 import checkpoints  # noqa: E402
-from ds_setup import die  # noqa: E402
+from ds_setup import die, user_errors  # noqa: E402
 from tokenizer import EOT_TOKEN, load_codec  # noqa: E402
 
 if dtype not in ('float32', 'bfloat16', 'float16'):
@@ -42,12 +42,10 @@ if device.startswith('cuda') and not torch.cuda.is_available():
 
 meta_path = None
 if init_from == 'resume':  # consolidate the ZeRO shards in memory, exactly as export.py does
-    try:
+    with user_errors():
         out_dir, tag = checkpoints.find(out_dir, tag)
         with redirect_stdout(sys.stderr):  # zero_to_fp32's progress lines; stdout carries only the samples
             model, client = checkpoints.load_model(out_dir, tag)
-    except ValueError as e:
-        die(str(e))
     meta_path = checkpoints.vocabulary_of(out_dir, client)
     source = f"{out_dir}/{tag} (iter {client.get('iter_num')})"
 elif init_from.endswith('.pt') or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
