@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 import checkpoints
 from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
+from ds_setup import prepare_process
 
 # a save lasts ~0.1-0.3 s here (7 M parameters: 29 MB of weights, each rank 43 MB of fp32 master weights and
 # Adam moments), while a micro batch of 2 keeps the iterations cheap
@@ -189,27 +189,26 @@ class Killed(BaseException):
 
 @pytest.fixture(scope='module')
 def engine():
-    """A real engine of a tiny model in this process, as a world of one (the trainer's own environment for
-    plain `python train_deepspeed.py`); the process group and the environment go when the module is done."""
-    with pytest.MonkeyPatch.context() as m:
-        world_of_one = dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_SIZE='1', MASTER_ADDR='127.0.0.1',
-                            MASTER_PORT=str(free_port()), DS_ACCELERATOR='cpu',
-                            TORCH_EXTENSIONS_DIR=os.path.join(sys.prefix, 'torch_extensions'))
-        for key, value in world_of_one.items():
-            m.setenv(key, value)
-        m.setenv('PATH', BIN + os.pathsep + os.environ['PATH'])  # the venv's ninja, as the trainer uses
-        import deepspeed
-        import torch.distributed as dist
+    """A real engine of a tiny model in this process, as a world of one (prepare_process: the trainer's own
+    environment for plain `python train_deepspeed.py`); the process group and the environment go when the
+    module is done."""
+    environ = dict(os.environ)
+    os.environ['DS_ACCELERATOR'] = 'cpu'
+    prepare_process()
+    import deepspeed
+    import torch.distributed as dist
 
-        from ds_setup import resolve_ds_config
-        from model import GPT, GPTConfig
-        deepspeed.init_distributed(dist_backend='gloo')
-        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
-        ds_config, _ = resolve_ds_config('ds_config_zero2.json', 1, 1, 1, 1.0, 'float32')
-        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        yield engine
-        dist.destroy_process_group()
+    from ds_setup import resolve_ds_config
+    from model import GPT, GPTConfig
+    deepspeed.init_distributed(dist_backend='gloo')
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    ds_config, _ = resolve_ds_config('ds_config_zero2.json', 1, 1, 1, 1.0, 'float32')
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    yield engine
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def save(engine, out, tag, iter_num):
