@@ -120,6 +120,26 @@ def test_dry_run_plans_gpt2_xl_on_four_gpus_from_here(tmp_path):
     assert 'nothing fits' in ok(dry_run(*args, '--plan_gpu_mem_gb=1')).stdout
 
 
+def test_a_recommendation_runs_as_printed(tmp_path):
+    """A model whose activations decide (4 x 128 at block 1024, 16 sequences a rank), planned for 2 GPUs of
+    0.78 GiB: the dry run recommends another shipped JSON and gradient checkpointing, and its overrides,
+    pasted after the same command, train (2 CPU ranks stand in for the GPUs)."""
+    shape = ['--init_from=scratch', '--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=1024',
+             '--dataset=shakespeare_char', '--dtype=float32', '--batch_size=16',
+             '--gradient_accumulation_steps=1']
+    planned = ok(dry_run(*shape, '--plan_gpus=2', '--plan_gpu_mem_gb=0.78')).stdout
+    recommended = next(line for line in planned.splitlines() if line.startswith('recommended'))
+    overrides = re.findall(r'--\w+=\S+', recommended)
+    given = dict(o[2:].split('=', 1) for o in overrides)
+    assert given['deepspeed_config'] == 'ds_config_zero3.json' and given['gradient_checkpointing'] == 'True'
+    out = tmp_path / 'out'
+    proc = ok(launch([*shape, *overrides, f'--out_dir={out}', '--max_iters=1', '--eval_iters=1']))
+    batch = f"{given['batch_size']} x {given['gradient_accumulation_steps']} x 2 = 32 sequences"
+    assert 'ZeRO-3, float32, 2 rank(s)' in proc.stdout and batch in proc.stdout
+    ran = json.load(open(out / 'run.json'))['config']
+    assert ran['gradient_checkpointing'] is True and [r['iter'] for r in metrics(out) if 'loss' in r] == [0]
+
+
 def test_dry_run_predicts_the_cpu_demo_memory(tmp_path, cpu_demo):
     """The plan for this machine's own CPU ranks (the demo's ZeRO-2 row over the measured runtime) against the
     peak resident memory the real 2-rank demo reaches: within 25%."""
