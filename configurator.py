@@ -67,11 +67,11 @@ def configure(namespace, argv=None, also=ALSO):
     return list(defaults), overrides
 
 
-# `python configurator.py train_deepspeed.py [args]`: the resolved constants as JSON, nothing run
-if __name__ == '__main__':
-    import json
+def constants_of(script):
+    """A script's constants as written, from its source alone (nothing run): the literal assignments above the
+    line where it applies its overrides."""
     constants = {}
-    for node in ast.parse(open(sys.argv[1]).read()).body:
+    for node in ast.parse(open(script).read()).body:
         if isinstance(node, ast.ImportFrom) and node.module == 'configurator':
             break  # the constants end where the script applies its overrides
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
@@ -79,5 +79,12 @@ if __name__ == '__main__':
                 constants[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
                 pass
+    return constants
+
+
+# `python configurator.py train_deepspeed.py [args]`: the resolved constants as JSON, nothing run
+if __name__ == '__main__':
+    import json
+    constants = constants_of(sys.argv[1])
     configure(constants, sys.argv[2:])
     print(json.dumps(constants))

@@ -20,6 +20,8 @@ TINY_RUN = ['--dataset=shakespeare_char', '--block_size=32', '--batch_size=8',
             '--gradient_accumulation_steps=1', '--dtype=float32', '--eval_iters=4', '--log_interval=1',
             '--warmup_iters=2', '--learning_rate=3e-3', '--min_lr=3e-4']
 TINY = ['--init_from=scratch', '--n_layer=2', '--n_head=2', '--n_embd=64', *TINY_RUN]
+# the saved_run fixture's: tests that compare a run with it (another JSON, compile) start from these
+SAVED_RUN = [*TINY, '--max_iters=10', '--eval_interval=2', '--always_save_checkpoint=True', '--keep_last_n=2']
 
 
 def free_port():
@@ -208,7 +210,5 @@ def saved_run(tmp_path_factory):
     """(out_dir, stdout) of a finished run that saved at every eval, keeping the newest two iter_* tags. Tests
     change only copies of out_dir."""
     out = tmp_path_factory.mktemp('run') / 'out'
-    args = [*TINY, f'--out_dir={out}', '--max_iters=10', '--eval_interval=2', '--always_save_checkpoint=True',
-            '--keep_last_n=2']
-    proc = ok(launch(args))
+    proc = ok(launch([*SAVED_RUN, f'--out_dir={out}']))
     return out, proc.stdout

@@ -8,10 +8,9 @@ import shutil
 import pytest
 
 import checkpoints
-from conftest import TINY, launch, metrics, ok
+from conftest import SAVED_RUN, launch, metrics, ok
 from ds_setup import resolve_compile
 
-SAVED_RUN = [*TINY, '--max_iters=10', '--eval_interval=2', '--always_save_checkpoint=True', '--keep_last_n=2']
 ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_checkpointing=True']
 
 

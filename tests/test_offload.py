@@ -8,39 +8,29 @@ import pytest
 import torch
 
 import checkpoints
-from conftest import TINY, expected_eval, launch, metrics, ok, run
+from conftest import SAVED_RUN, expected_eval, launch, metrics, ok, run
 from model import GPT, GPTConfig
-
-ARGS = [*TINY, '--max_iters=6', '--eval_interval=3', '--lr_decay_iters=6', '--always_save_checkpoint=True']
-
 
 def losses(out_dir):
     return {r['iter']: r['loss'] for r in metrics(out_dir) if 'loss' in r}
 
 
-@pytest.fixture(scope='module')
-def torch_adamw(tmp_path_factory):
-    """The same run under plain ZeRO-2, the optimizer torch's AdamW on each rank."""
-    out = tmp_path_factory.mktemp('adamw') / 'out'
-    ok(launch([*ARGS, f'--out_dir={out}']))
-    return losses(out)
-
-
 @pytest.mark.parametrize('json', ['ds_config_zero2_offload.json', 'ds_config_zero3_offload.json'])
-def test_offload_trains_like_adamw_resumes_and_exports(tmp_path, torch_adamw, json):
+def test_offload_trains_like_adamw_resumes_and_exports(tmp_path, saved_run, json):
+    """The same run as saved_run's (plain ZeRO-2, torch's AdamW on each rank) but for the JSON."""
     out = tmp_path / 'out'
-    ok(launch([*ARGS, f'--deepspeed_config={json}', f'--out_dir={out}']))
+    ok(launch([*SAVED_RUN, f'--deepspeed_config={json}', f'--out_dir={out}']))
     ran_with = checkpoints.read_client_state(str(out / 'final'))['ds_config']['zero_optimization']
     assert ran_with['offload_optimizer']['device'] == 'cpu'
     uninterrupted = losses(out)
-    assert sorted(uninterrupted) == list(range(6))
-    for it, loss in torch_adamw.items():  # CPU Adam's update is AdamW's, to float rounding
+    assert sorted(uninterrupted) == list(range(10))
+    for it, loss in losses(saved_run[0]).items():  # CPU Adam's update is AdamW's, to float rounding
         assert abs(uninterrupted[it] - loss) <= 1e-5, (it, uninterrupted[it], loss)
 
-    proc = ok(launch([*ARGS, f'--deepspeed_config={json}', f'--out_dir={out}', '--init_from=resume',
-                      '--resume_tag=iter_3']))
-    assert f'resumed at iter 3 from {out / "iter_3"}' in proc.stdout
-    for it in range(3, 6):
+    proc = ok(launch([*SAVED_RUN, f'--deepspeed_config={json}', f'--out_dir={out}', '--init_from=resume',
+                      '--resume_tag=iter_6']))
+    assert f'resumed at iter 6 from {out / "iter_6"}' in proc.stdout
+    for it in range(6, 10):
         assert abs(losses(out)[it] - uninterrupted[it]) <= 1e-5, it
 
     ok(run([sys.executable, 'export.py', f'--out_dir={out}', f'--export_dir={tmp_path / "export"}']))
