@@ -39,7 +39,7 @@ def resolve(dataset, block_size):
     for name, weight in mix.items():
         where = folder(name)
         for split in ('train', 'val'):
-            check_bin(os.path.join(where, f'{split}.bin'), block_size, os.path.join(where, 'prepare.py'))
+            check_bin(os.path.join(where, f'{split}.bin'), block_size, how_to_prepare(where))
         sources[name] = (where, weight / total)
     vocabs = {name: vocabulary(where) for name, (where, _) in sources.items()}
     first = next(iter(vocabs))
@@ -51,13 +51,22 @@ def resolve(dataset, block_size):
     return sources
 
 
+def how_to_prepare(where):
+    """The command that makes a dataset folder: its own prepare.py (the Shakespeare ones), else
+    data/prepare.py."""
+    own = os.path.join(where, 'prepare.py')
+    if os.path.isfile(own):
+        return f'python {own}'
+    return f'python data/prepare.py YOUR_FILES --name {where}'
+
+
 def check_bin(path, block_size, prepare):
     if not os.path.isfile(path):
-        raise ValueError(f'{path} not found: run python {prepare}')
+        raise ValueError(f'{path} not found: run {prepare}')
     size = os.path.getsize(path)
     if size % 2:
         raise ValueError(f'{path} has {size:,} bytes, an odd number: it is not uint16 token ids; '
-                         f'write it with np.array(ids, dtype=np.uint16).tofile() (see {prepare})')
+                         f'make it again with {prepare}')
     if size // 2 < block_size + 1:
         raise ValueError(f'{path} holds {size // 2:,} tokens, fewer than block_size + 1 = {block_size + 1}: '
                          f'use more text or a smaller --block_size')

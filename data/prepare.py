@@ -787,12 +787,20 @@ def prepare(args, sources, partial, started):
         json.dump(summary, f, indent=2)
         f.write('\n')
     for split in SPLITS:
-        print(f'{split}.bin: {tokens[split]:,} tokens, {documents[split]:,} documents')
+        print(f"{split}.bin: {tokens[split]:,} tokens, {counted(documents[split], 'document')}")
     megabytes, total_tokens = summary['input_bytes'] / 1e6, sum(tokens.values())
+    processes = counted(min(args.num_proc, len(work.units)), 'process')
     print(f'{time.time() - started:.1f} s; tokenizing {megabytes / tokenizing_s:.1f} MB/s, '
-          f'{total_tokens / tokenizing_s / 1e6:.2f}M tokens/s in {min(args.num_proc, len(work.units))} '
-          'processes')
+          f'{total_tokens / tokenizing_s / 1e6:.2f}M tokens/s in {processes}')
     return summary
+
+
+def counted(n, noun):
+    """'1 document', '2 documents', '1 process', '2 processes'."""
+    if n == 1:
+        return f'1 {noun}'
+    plural = noun + 'es' if noun.endswith('s') else noun + 's'
+    return f'{n:,} {plural}'
 
 
 if __name__ == '__main__':

@@ -276,7 +276,7 @@ LAUNCHER_CASES = {
         ['DeepSpeed config {tmp}/ds.json is missing or not valid JSON', 'python -m json.tool']),
     'dataset_folder_without_bins': (
         lambda tmp: (['--cpu-demo', f'--dataset={tmp}/nodata'], None),
-        ['{tmp}/nodata/train.bin not found: run python {tmp}/nodata/prepare.py']),
+        ['{tmp}/nodata/train.bin not found: run python data/prepare.py YOUR_FILES --name {tmp}/nodata']),
     'unknown_key': (
         lambda tmp: (['--cpu-demo', '--max_iter=3'], None),
         ["unknown key 'max_iter'", 'max_iters']),
