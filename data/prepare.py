@@ -73,8 +73,13 @@ SEPARATOR_TEXT = '<|endoftext|>'  # how a character vocabulary's end-of-document
 EXACT_CUT = re.compile(rb'[\x21-\x7e]\n(?=[\x21-\x7e])')
 
 
+class Arguments(argparse.ArgumentParser):
+    def error(self, message):  # one 'error:' line like every command's, not argparse's usage and its own line
+        raise ValueError(f'{message}: python data/prepare.py INPUT... --name NAME (--help says more)')
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Arguments(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('inputs', nargs='+', metavar='INPUT', help='files, folders or globs')
     p.add_argument('--name', required=True, help='the dataset: data/NAME, or a folder path')
     p.add_argument('--tokenizer', choices=('gpt2', 'char'), default='gpt2')
