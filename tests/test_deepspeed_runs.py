@@ -42,7 +42,7 @@ def test_trains_and_checkpoints(tmp_path, stage):
     assert sorted(os.listdir(final)) == sorted(checkpoints.shard_files(final) + [checkpoints.CHECKSUMS])
     state = checkpoints.read_client_state(final)
     assert state['iter_num'] == 30 and state['model_args']['n_layer'] == 2 and len(state['rng_states']) == 2
-    assert state['model_args']['vocab_size'] == 84  # from data/shakespeare_char/meta.pkl, not GPT-2's 50304
+    assert state['model_args']['vocab_size'] == 85  # from data/shakespeare_char/meta.pkl, not GPT-2's 50304
     assert state['config']['max_iters'] == 30
     assert state['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
 

@@ -14,7 +14,7 @@ L, H, D = PRETRAINED_SHAPES['gpt2-xl']
 XL = GPTConfig(n_layer=L, n_head=H, n_embd=D, vocab_size=50257, block_size=1024)
 N_XL, LARGEST_XL = num_params(XL), mp.largest_layer_params(XL)
 # config/train_shakespeare_char_cpu.py
-DEMO = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=84)
+DEMO = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=85)
 
 
 def zero_block(name):

@@ -185,7 +185,7 @@ def test_same_bytes_for_a_seed_whatever_num_proc(tmp_path, monkeypatch):
 
 def test_two_documents_give_one_to_each_split(tmp_path):
     """Where the hash sends every document to one split, the one nearest the line moves over, so two
-    documents make a train and a val split, whatever val_fraction; one document is refused."""
+    documents make a train and a val split, whatever val_fraction."""
     (tmp_path / 'a.txt').write_text('First document.\n')
     (tmp_path / 'b.txt').write_text('Second document.\n')
     for fraction in (0.001, 0.999):
@@ -195,9 +195,18 @@ def test_two_documents_give_one_to_each_split(tmp_path):
         assert summary['moved'].startswith('1 document from')
         assert sorted(gpt2_documents(dest, 'train') + gpt2_documents(dest, 'val')) == [
             'First document.\n', 'Second document.\n']
-    with pytest.raises(ValueError, match='only one usable document'):
-        prepare_main(tmp_path / 'a.txt', '--name', tmp_path / 'one')
-    assert not os.path.exists(tmp_path / 'one') and not os.path.exists(tmp_path / 'one.partial')
+
+
+def test_one_document_is_split_by_its_tail(tmp_path):
+    """A single text file (nanoGPT's Shakespeare): its first 90% of tokens train, the rest val."""
+    text = ''.join(make_documents(20))
+    (tmp_path / 'one.txt').write_text(text)
+    summary = prepare_main(tmp_path / 'one.txt', '--name', tmp_path / 'one')
+    whole = gpt2_encoding().encode_ordinary(text) + [EOT_TOKEN]
+    train = np.fromfile(tmp_path / 'one' / 'train.bin', dtype=np.uint16).tolist()
+    val = np.fromfile(tmp_path / 'one' / 'val.bin', dtype=np.uint16).tolist()
+    assert train + val == whole and len(train) == int(len(whole) * 0.9)
+    assert summary['splits']['val']['tokens'] == len(val) and 'its last' in summary['moved']
 
 
 def test_bad_input_is_skipped_and_summed_up(tmp_path, monkeypatch, capsys):

@@ -103,11 +103,11 @@ def test_export_any_stage(tmp_path, stage, dtype):
     from transformers import GPT2LMHeadModel
     hf, info = GPT2LMHeadModel.from_pretrained(exported, output_loading_info=True)
     assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
-    idx = torch.randint(0, 84, (2, 32))
+    idx = torch.randint(0, 85, (2, 32))
     with torch.no_grad():
         assert (hf.eval()(idx).logits - model(idx, idx)[0]).abs().max().item() <= 1e-5
     with open(exported / 'meta.pkl', 'rb') as f:
-        assert pickle.load(f)['vocab_size'] == 84
+        assert pickle.load(f)['vocab_size'] == 85
 
 
 @pytest.fixture(scope='module')
