@@ -5,9 +5,9 @@ $ python bench.py                                  # CPU: a small GPT; 2 CPU ran
 $ python bench.py --n_layer=12 --n_embd=768 --block_size=1024 --dtype=bfloat16 --json=bench.json
 $ python bench.py --gpu_shapes=True                # GPUs: also the gpt2 (124M) and gpt2-xl shapes, block 1024
 Rows: name, tokens_per_s (global), mfu, ratio_vs_plain, run_s, first_iter_s. The DeepSpeed rows are
-train_deepspeed.py itself, launched by the deepspeed launcher, timed from its own metrics.jsonl; 'no phase
-timers' measures what time_phases costs, and the levers (gradient checkpointing, compile, optimizer offload)
-each run beside the ZeRO-2 1-rank row they change. run_s is a row's whole launch, start to exit, and
+train_deepspeed.py itself, launched by the deepspeed launcher, timed from its own metrics.jsonl. The levers
+(no phase timers: what time_phases costs; gradient checkpointing, compile, optimizer offload) each run beside
+the ZeRO-2 1-rank row they change. run_s is a row's whole launch, start to exit, and
 first_iter_s its first iteration, both from its first round, which compiles from an empty inductor cache: the
 compile row's run_s less the plain ZeRO-2 row's is what compiling costs a first run.
 """
@@ -30,6 +30,7 @@ from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
 from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
 
 LEVERS = {  # name -> (its row's suffix, the trainer's arguments for it)
+    'no_phase_timers': ('no phase timers', ('--time_phases=False',)),  # what time_phases costs
     'gradient_checkpointing': ('gradient checkpointing', ('--gradient_checkpointing=True',)),
     'compile': ('compile', ('--compile=True',)),
     'offload': ('optimizer offload', ('--deepspeed_config=ds_config_zero2_offload.json',)),
@@ -48,7 +49,7 @@ repeats = 2
 stages = '0,2,3'
 worlds = '1,2'  # rank counts for the DeepSpeed rows (GPUs, or CPU processes sharing the cores)
 gpu_shapes = False  # also gpt2 and gpt2-xl at block 1024 (a GPU with the memory for them)
-levers = 'gradient_checkpointing,compile,offload'  # each a row beside ZeRO-2 on 1 rank; '' for none
+levers = 'no_phase_timers,gradient_checkpointing,compile,offload'  # each a row beside ZeRO-2 on 1 rank
 json = ''  # a file to write the rows to, as JSON
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -174,8 +175,7 @@ with tempfile.TemporaryDirectory() as workdir:
                 measure = partial(deepspeed_run, shape, stage, ranks, accumulation, workdir, name)
                 runs.append((name, measure, ranks))
                 if stage == 2 and ranks == 1:
-                    variants = [('no phase timers', ('--time_phases=False',))]
-                    variants += [LEVERS[lever] for lever in levers.split(',') if lever]
+                    variants = [LEVERS[lever] for lever in levers.split(',') if lever]
                     for suffix, extra in variants:
                         row = f'{name}, {suffix}'
                         measure = partial(deepspeed_run, shape, 2, 1, accumulation, workdir, row, extra)
