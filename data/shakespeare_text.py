@@ -49,6 +49,17 @@ def load_text(input_path=None, offline=False):
     return '\n\n'.join(parts), source
 
 
+def main(doc, folder, tokenizer):
+    """A Shakespeare script's whole run: its command line (doc is its --help), then prepare_from_text; bad
+    input stops with one error line."""
+    try:
+        prepare_from_text(parse_args(doc), folder, tokenizer)
+    except ValueError as e:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from ds_setup import die  # only now: it loads torch
+        die(str(e))
+
+
 def prepare_from_text(args, folder, tokenizer):
     """The Shakespeare text (as parse_args' --input and --offline say) into folder through data/prepare.py:
     the text goes to folder/input.txt (unless --input names a file) and becomes folder's train.bin and

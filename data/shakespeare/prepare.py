@@ -7,13 +7,7 @@ No meta.pkl: its absence tells the trainer and sample.py to use GPT-2's BPE and 
 import os
 import sys
 
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(here))
-from shakespeare_text import parse_args, prepare_from_text  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from shakespeare_text import main  # noqa: E402
 
-try:
-    prepare_from_text(parse_args(__doc__), here, 'gpt2')
-except ValueError as e:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(here)))
-    from ds_setup import die  # only now: it loads torch
-    die(str(e))
+main(__doc__, os.path.dirname(os.path.abspath(__file__)), 'gpt2')
