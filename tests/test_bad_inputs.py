@@ -142,21 +142,32 @@ TRAINER_CASES = {
 }
 
 
-def attempt_trainer(case, tmp_path, finished_run):
-    """One trainer case against a copy of the finished run: (command, process, out_dir before, out_dir
-    after)."""
-    setup, _ = TRAINER_CASES[case]
+def attempt(tmp_path, finished_run, command_for, launch):
+    """One case against a copy of the finished run in tmp_path/out: command_for(out) makes the case's changes
+    to the copy and gives its command, launch(command) runs it. (process, out_dir before, out_dir after)."""
     out = tmp_path / 'out'
     shutil.copytree(finished_run, out)
-    cmd = [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', *setup(tmp_path, out)]
-    before = snapshot(out)
-    proc = run(cmd, timeout=120, environ=OFFLINE)
-    return cmd, proc, before, snapshot(out)
+    command = command_for(out)
+    before = snapshot(out)  # after the case's own changes: what the command does to out_dir is what counts
+    proc = launch(command)
+    return proc, before, snapshot(out)
+
+
+def attempt_trainer(case, tmp_path, finished_run):
+    setup, _ = TRAINER_CASES[case]
+
+    def command_for(out):
+        return [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', *setup(tmp_path, out)]
+
+    def launch(cmd):
+        return run(cmd, timeout=120, environ=OFFLINE)
+
+    return attempt(tmp_path, finished_run, command_for, launch)
 
 
 @pytest.mark.parametrize('case', list(TRAINER_CASES))
 def test_trainer_refuses(case, tmp_path, finished_run):
-    _, proc, before, after = attempt_trainer(case, tmp_path, finished_run)
+    proc, before, after = attempt_trainer(case, tmp_path, finished_run)
     line = one_error(proc)
     assert after == before
     for phrase in TRAINER_CASES[case][1]:
@@ -284,23 +295,24 @@ LAUNCHER_CASES = {
 
 
 def attempt_launcher(case, tmp_path, finished_run):
-    """One script case, out_dir a copy of the finished run: (command, process, out_dir before, out_dir
-    after)."""
     setup, _ = LAUNCHER_CASES[case]
-    out = tmp_path / 'out'
-    shutil.copytree(finished_run, out)
-    args, environ = setup(tmp_path)
-    args = [*TINY, f'--out_dir={out}', '--max_iters=1', '--eval_iters=1', *args]  # the case's own come last
-    before = snapshot(out)
-    script = tmp_path / 'repo' / os.path.basename(SCRIPT)  # made by fake_gpus
-    proc = sh(*args, environ=environ, script=str(script) if script.exists() else SCRIPT)
-    return [SCRIPT, *args], proc, before, snapshot(out)
+
+    def command_for(out):
+        args, environ = setup(tmp_path)  # the case's own arguments come last
+        return [*TINY, f'--out_dir={out}', '--max_iters=1', '--eval_iters=1', *args], environ
+
+    def launch(command):
+        args, environ = command
+        script = tmp_path / 'repo' / os.path.basename(SCRIPT)  # made by fake_gpus
+        return sh(*args, environ=environ, script=str(script) if script.exists() else SCRIPT)
+
+    return attempt(tmp_path, finished_run, command_for, launch)
 
 
 @pytest.mark.parametrize('case', list(LAUNCHER_CASES))
 def test_launcher_script_refuses(case, tmp_path, finished_run):
     """Exit 1, or 2 for a setting the trainer itself would refuse (the script asks configurator.py)."""
-    _, proc, before, after = attempt_launcher(case, tmp_path, finished_run)
+    proc, before, after = attempt_launcher(case, tmp_path, finished_run)
     line = one_error(proc)
     assert proc.returncode == (2 if case == 'unknown_key' else 1)
     assert after == before
