@@ -414,9 +414,9 @@ def read_jsonl(source_index, start, end, sink, report):
             offset += len(raw)
             if raw.strip():
                 used += 1
-                text = jsonl_text(raw, WORK.text_field)
-                if isinstance(text, Unusable):
-                    report.skip(text.reason, source_index, line)
+                text, unusable = jsonl_text(raw, WORK.text_field)
+                if unusable:
+                    report.skip(unusable, source_index, line)
                 else:
                     split, doc_hash = split_of(WORK.seed, source.path, line_offset, WORK.val_fraction)
                     sink.begin(split, doc_hash)
@@ -429,27 +429,22 @@ def read_jsonl(source_index, start, end, sink, report):
         report.skip('empty', source_index)
 
 
-@dataclass
-class Unusable:
-    reason: str
-
-
 def jsonl_text(raw, text_field):
-    """The document of a JSON Lines line, or Unusable(why not)."""
+    """(the document of a JSON Lines line, None), or (None, why it cannot be used)."""
     try:
         record = json.loads(raw.decode('utf-8'))
     except UnicodeDecodeError:
-        return Unusable('not UTF-8')
+        return None, 'not UTF-8'
     except ValueError:
-        return Unusable('not JSON')
+        return None, 'not JSON'
     if not isinstance(record, dict) or text_field not in record:
-        return Unusable(f'no "{text_field}" field')
+        return None, f'no "{text_field}" field'
     text = record[text_field]
     if not isinstance(text, str):
-        return Unusable(f'"{text_field}" not a string')
+        return None, f'"{text_field}" not a string'
     if not has_text(text):
-        return Unusable('empty')
-    return text
+        return None, 'empty'
+    return text, None
 
 
 def read_text(source_index, start, end, sink, report):
@@ -657,7 +652,7 @@ def concatenate(work, reports, kept, moved_from, moves, out_folder):
                             copy_bytes(unit, outputs[other], 2 * (end - first))
                             tokens[split] -= end - first
                             tokens[other] += end - first
-                        copy_bytes(unit, outputs[split], None)
+                        shutil.copyfileobj(unit, outputs[split], CHUNK_BYTES)
                 os.remove(path)
     return tokens
 
@@ -672,20 +667,19 @@ def split_tail(folder, tokens, val_fraction):
     train_tokens = min(max(1, int(total * (1 - val_fraction))), total - 1)
     with open(paths['train'], 'r+b') as train, open(paths['val'], 'wb') as val:
         train.seek(2 * train_tokens)
-        copy_bytes(train, val, None)
+        shutil.copyfileobj(train, val, CHUNK_BYTES)
         train.truncate(2 * train_tokens)
     return {'train': train_tokens, 'val': total - train_tokens}
 
 
 def copy_bytes(source, destination, count):
-    """Copies count bytes (None: all that is left) from one open file to another, CHUNK_BYTES at a time."""
-    while count is None or count > 0:
-        block = source.read(CHUNK_BYTES if count is None else min(CHUNK_BYTES, count))
+    """Copies count bytes from one open file to another, CHUNK_BYTES at a time."""
+    while count > 0:
+        block = source.read(min(CHUNK_BYTES, count))
         if not block:
             return
         destination.write(block)
-        if count is not None:
-            count -= len(block)
+        count -= len(block)
 
 
 def install(partial, dest):
@@ -719,9 +713,8 @@ def character_vocabulary(work, num_proc):
     char_ids = np.zeros(max(map(ord, chars), default=0) + 1, dtype=np.uint16)  # code point -> id
     char_ids[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint16)
     work.count_chars, work.char_ids, work.end_of_text = False, char_ids, separator
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    itos = {i: ch for i, ch in enumerate(chars)}
-    stoi[SEPARATOR_TEXT], itos[separator] = separator, SEPARATOR_TEXT
+    itos = {**dict(enumerate(chars)), separator: SEPARATOR_TEXT}
+    stoi = {ch: i for i, ch in itos.items()}
     return {'vocab_size': len(chars) + 1, 'itos': itos, 'stoi': stoi, 'separator': separator}
 
 
