@@ -710,7 +710,9 @@ def character_vocabulary(work, num_proc):
         raise ValueError(f'{len(chars):,} different characters do not fit uint16 token ids: use '
                          '--tokenizer gpt2')
     separator = len(chars)  # the end of a document: an id of its own, after the characters
-    char_ids = np.zeros(max(map(ord, chars), default=0) + 1, dtype=np.uint16)  # code point -> id
+    # code point -> id, for every code point: a document this pass skipped is tokenized again before it is
+    # skipped again (whitespace only, not UTF-8 further on), and its characters may not be in the vocabulary
+    char_ids = np.zeros(sys.maxunicode + 1, dtype=np.uint16)
     char_ids[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint16)
     work.count_chars, work.char_ids, work.end_of_text = False, char_ids, separator
     itos = {**dict(enumerate(chars)), separator: SEPARATOR_TEXT}

@@ -140,6 +140,17 @@ def test_character_vocabulary_with_a_separator(tmp_path):
     assert sorted(found[0] + found[1]) == sorted(documents)
 
 
+def test_character_vocabulary_skips_what_it_left_out(tmp_path):
+    """A document skipped in the vocabulary's pass (here whitespace only, with a character no kept document
+    has) is skipped again when tokenizing, not looked up in the vocabulary that lacks its characters."""
+    (tmp_path / 'a.txt').write_text('ab\n')
+    (tmp_path / 'b.txt').write_text('ba\n')
+    (tmp_path / 'c.txt').write_text('\u3000\n')  # an ideographic space: whitespace, past every kept character
+    summary = prepare_main(tmp_path / '*.txt', '--name', tmp_path / 'ds', '--tokenizer', 'char')
+    assert summary['skipped']['reasons'] == {'empty': {'count': 1, 'first': [str(tmp_path / 'c.txt')]}}
+    assert summary['vocab_size'] == 4  # \n, a, b and the separator
+
+
 def test_text_cut_into_units_tokenizes_as_the_whole_text(tmp_path, monkeypatch):
     """A plain-text file bigger than a unit is cut into several, at line ends between printable characters,
     and read in chunks cut the same way: its tokens are exactly encode_ordinary(whole text) + 50256."""
