@@ -27,8 +27,13 @@ def parse_args(description):
 def load_text(input_path=None, offline=False):
     """Returns (text, a line saying where it came from); ValueError with the fix when there is none."""
     if input_path:
-        with open(input_path, encoding='utf-8') as f:
-            return f.read(), f'read {input_path}'
+        try:
+            with open(input_path, encoding='utf-8') as f:
+                return f.read(), f'read {input_path}'
+        except OSError as e:
+            raise ValueError(f'--input {input_path}: {e.strerror}: name a readable UTF-8 text file') from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f'--input {input_path} is not UTF-8 text: convert it to UTF-8') from e
     if not offline:
         try:
             with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=20) as r:
