@@ -10,8 +10,12 @@ out_dir/
   latest            the newest complete tag
   meta.pkl          the run's character vocabulary (none for GPT-2 BPE)
 
-The public surface: check_writable, to_resume, check_before_load and resume (the trainer's start), save,
-keep_vocabulary, complete_tags and latest_tag; find, load_model and vocabulary_of (export.py and sample.py).
+The public surface: check_writable, to_resume, use_node_disks, check_before_load and resume (the trainer's
+start), save, keep_vocabulary, complete_tags and latest_tag; find, load_model and vocabulary_of (export.py and
+sample.py).
+
+Nodes that save to disks of their own (no shared file system) each keep such a folder, with their own ranks'
+shards, a copy of the model states and their own 'latest'.
 """
 import filecmp
 import json
@@ -19,7 +23,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -49,14 +55,19 @@ def model_states_file(folder):
     return os.path.join(folder, states[0]) if states else None
 
 
-def owned_by(name, rank):
-    """The rank that wrote a file: DeepSpeed names each rank's files zero_pp_rank_<r>_...; rank 0 the rest."""
+def owned_by(name, rank, node_disks=False):
+    """Whether a rank wrote a file. DeepSpeed names each rank's files zero_pp_rank_<r>_...; the rest (ZeRO
+    0-2's mp_rank_00_model_states.pt) rank 0 writes, and with node_disks (the nodes save to disks of their
+    own) the first rank of every node writes a copy on its node's disk."""
     match = re.search(r'zero_pp_rank_(\d+)_', name)
-    return (int(match.group(1)) if match else 0) == rank
+    if match:
+        return int(match.group(1)) == rank
+    first_on_node = int(os.environ.get('LOCAL_RANK', '0')) == 0
+    return rank == 0 or (node_disks and first_on_node)
 
 
-def files_of_rank(folder, rank):
-    return [f for f in shard_files(folder) if owned_by(f, rank)]
+def files_of_rank(folder, rank, node_disks=False):
+    return [f for f in shard_files(folder) if owned_by(f, rank, node_disks)]
 
 
 def complete_tags(out_dir):
@@ -164,12 +175,42 @@ def is_universal(tag_dir):
     return os.path.isdir(os.path.join(tag_dir, 'zero'))
 
 
-def check_before_load(saved, ds_config, world_size):
-    """Collective, after the process group starts: every rank checks its own files against the checksums of
-    the save, and a universal checkpoint is loaded as one. ValueError (on every rank) when the checkpoint is
-    damaged, or holds ZeRO shards for another number of ranks (with the command that converts it)."""
+def use_node_disks(out_dir, ds_config):
+    """Collective, before the engine is built: whether the nodes save to disks of their own (no shared file
+    system: some node does not see a file rank 0 writes in out_dir). Then DeepSpeed's use_node_local_storage
+    has the first rank of every node write the model states too, so that each node resumes from its own disk,
+    and each node keeps its own 'latest'. Returns that answer."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    probe = os.path.join(os.path.abspath(out_dir), f'.node-probe-{socket.gethostname()}-{time.time_ns()}')
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        open(probe, 'w').close()
+    probes = [None] * world_size
+    dist.all_gather_object(probes, probe)  # rank 0's name, once its file is written
+    seen = os.path.exists(probes[0])
+    if not seen:  # a network file system may show a new file a moment late
+        time.sleep(0.5)
+        seen = os.path.exists(probes[0])
+    everyone_sees = [None] * world_size
+    dist.all_gather_object(everyone_sees, seen)
+    if rank == 0:
+        os.remove(probe)
+    node_disks = not all(everyone_sees)
+    if node_disks:
+        ds_config['checkpoint'] = {**ds_config.get('checkpoint', {}), 'use_node_local_storage': True}
+    return node_disks
+
+
+def check_before_load(saved, ds_config, world_size, node_disks):
+    """Collective, after the process group starts. The nodes agree on the tag: when their disks' newest
+    differ (a save cut short on one node), every rank resumes the newest tag complete on every disk. Then
+    every rank checks its own files against the checksums of the save; a universal checkpoint loads as one.
+    Returns saved (for another tag, if the nodes agreed on one). ValueError (on every rank) when no tag is
+    complete on every node, when the checkpoint is damaged, or holds ZeRO shards for another number of ranks
+    (with the command that converts it)."""
+    saved = agree_on_tag(saved, world_size)
     problems = [None] * world_size
-    dist.all_gather_object(problems, verify_own_files(saved['dir'], dist.get_rank()))
+    dist.all_gather_object(problems, verify_own_files(saved['dir'], dist.get_rank(), node_disks))
     found = [p for p in problems if p]
     if found:
         others = ', '.join(t for t in complete_tags(os.path.dirname(saved['dir'])) if t != saved['folder'])
@@ -185,6 +226,27 @@ def check_before_load(saved, ds_config, world_size):
             f'{world_size}: convert it once with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal '
             f'--inject_missing_state --input_folder {tag_dir} --output_folder {tag_dir}_universal` and '
             f"resume with --resume_tag={saved['tag']}_universal")
+    return saved
+
+
+def agree_on_tag(saved, world_size):
+    """saved, or what to_resume says of the newest tag complete on every node's disk when the nodes' newest
+    differ (its 'note' says so). ValueError when no tag is complete on every node."""
+    out_dir = os.path.dirname(saved['dir'])
+    views = [None] * world_size
+    dist.all_gather_object(views, (saved['tag'], socket.gethostname(), complete_tags(out_dir)))
+    if len({tag for tag, _, _ in views}) == 1:
+        return saved
+    newest = {host: tag for tag, host, _ in views}
+    differ = ', '.join(f'{host} has {tag}' for host, tag in newest.items())
+    on_every_node = set.intersection(*(set(tags) for _, _, tags in views))
+    if not on_every_node:
+        raise ValueError(f'no checkpoint is complete on every node ({differ}): copy one tag folder to the '
+                         f'nodes that lack it and resume with --resume_tag=TAG')
+    tag = max(on_every_node, key=newest_last)
+    note = (f'note: the nodes disagree on the newest checkpoint ({differ}: a save cut short); resuming '
+            f'{tag}, the newest on every node')
+    return {**to_resume(out_dir, tag), 'note': note}
 
 
 def resume(engine, saved, batch_rng, seed):
@@ -203,6 +265,8 @@ def resume(engine, saved, batch_rng, seed):
                          f'another tag with --resume_tag')
     saved_ranks, iter_num = len(client['rng_states']), client['iter_num']
     said = f"resumed at iter {iter_num} from {saved['dir']}"
+    if saved.get('note'):
+        said = f"{saved['note']}\n{said}"
     if saved_ranks == world_size:  # every rank continues its own random streams
         restore_rng_streams(client['rng_states'][rank], batch_rng)
         return client, said
@@ -241,6 +305,7 @@ def save(engine, out_dir, tag, client_state, batch_rng, keep_last_n, keep, min_f
     anything is written, when a node's disk has no room for it."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     first_on_node = int(os.environ.get('LOCAL_RANK', '0')) == 0
+    node_disks = engine.use_node_local_storage()  # use_node_disks asked for it
     shortfall = ''
     if first_on_node:
         shortfall = disk_shortfall(out_dir, engine_params(engine), engine_dtype(engine), min_free_disk_mb)
@@ -256,7 +321,7 @@ def save(engine, out_dir, tag, client_state, batch_rng, keep_last_n, keep, min_f
     dist.barrier()
     engine.save_checkpoint(out_dir, tag=tag + '.partial', client_state=client, save_latest=False)
     sums = [None] * world_size  # also the barrier: every shard is written before anyone moves the folder
-    dist.all_gather_object(sums, checksum_own_files(partial, rank))
+    dist.all_gather_object(sums, checksum_own_files(partial, rank, node_disks))
     removed = []
     if rank == 0:
         removed = put_in_place(partial, tag_dir, sums, keep_last_n, keep)
@@ -286,26 +351,31 @@ def crc32_of(path, chunk_bytes=64 << 20):
     return crc
 
 
-def checksum_own_files(folder, rank):
-    """{file: [bytes, crc32]} for this rank's files. torch.load reads a flipped byte inside a tensor without
-    complaint (a zip's CRC is not checked), so the save records one, each rank its own share, while the file
-    is still in the page cache."""
+def checksum_own_files(folder, rank, node_disks):
+    """{file: [bytes, crc32, host]} for this rank's files. torch.load reads a flipped byte inside a tensor
+    without complaint (a zip's CRC is not checked), so the save records one, each rank its own share, while
+    the file is still in the page cache; and the host, for nodes with disks of their own."""
     sums = {}
-    for name in files_of_rank(folder, rank):
+    for name in files_of_rank(folder, rank, node_disks):
         path = os.path.join(folder, name)
-        sums[name] = [os.path.getsize(path), crc32_of(path)]
+        sums[name] = [os.path.getsize(path), crc32_of(path), socket.gethostname()]
     return sums
 
 
-def verify_own_files(folder, rank):
-    """'' when this rank's files match what the save recorded, else what is wrong (the file and how)."""
+def read_checksums(folder):
+    """{file: [bytes, crc32, host]} as the save recorded them ({} for a folder saved without); a checkpoint
+    from before hosts were recorded names none ('')."""
     path = os.path.join(folder, CHECKSUMS)
     if not os.path.isfile(path):
-        return ''  # saved before checksums existed, or by DeepSpeed directly: nothing to compare with
+        return {}  # saved before checksums existed, or by DeepSpeed directly: nothing to compare with
     with open(path) as f:
-        sums = json.load(f)
-    for name, (size, crc) in sorted(sums.items()):
-        if not owned_by(name, rank):
+        return {name: [*entry, ''][:3] for name, entry in json.load(f).items()}
+
+
+def verify_own_files(folder, rank, node_disks=False):
+    """'' when this rank's files match what the save recorded, else what is wrong (the file and how)."""
+    for name, (size, crc, _) in sorted(read_checksums(folder).items()):
+        if not owned_by(name, rank, node_disks):
             continue
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
@@ -318,8 +388,13 @@ def verify_own_files(folder, rank):
 
 
 def put_in_place(partial, tag_dir, sums, keep_last_n, keep):
-    """A finished save: its checksums (every rank's share), the swap, the rotation. Returns removed tags."""
-    every_file = {name: crc for rank_sums in sums for name, crc in rank_sums.items()}
+    """A finished save: its checksums (every rank's share; of a file every node wrote, this node's copy), the
+    swap, the rotation. Returns removed tags."""
+    every_file = {}
+    for rank_sums in sums:
+        for name, entry in rank_sums.items():
+            if name not in every_file or entry[2] == socket.gethostname():
+                every_file[name] = entry
     with open(os.path.join(partial, CHECKSUMS), 'w') as f:
         json.dump(every_file, f, indent=0, sort_keys=True)
     swap_in(partial, tag_dir)
@@ -420,6 +495,7 @@ def load_model(out_dir, folder):
     stage, any number of ranks, fp32/bf16/fp16 runs; ZeRO 1-3 shards are merged by DeepSpeed's own
     zero_to_fp32, which reads the fp32 master weights, not the 16-bit working copies."""
     tag_dir = os.path.join(out_dir, folder)
+    check_every_shard_here(tag_dir)
     saved = read_client_state(tag_dir)
     if 'model_args' not in saved:
         raise ValueError(f'{tag_dir} was not saved by train_deepspeed.py (no model_args in it)')
@@ -441,6 +517,21 @@ def load_model(out_dir, folder):
     model.load_state_dict(state_dict, strict=True)  # any missing or unexpected key raises here
     client = {k: saved[k] for k in ('model_args', 'config', 'iter_num', 'best_val_loss') if k in saved}
     return model.eval(), client
+
+
+def check_every_shard_here(tag_dir):
+    """ValueError naming the files the save wrote that tag_dir lacks, and the hosts that hold them: nodes that
+    save to disks of their own keep each their own ranks' shards, and merging the weights needs every one."""
+    missing = {}  # host -> files
+    for name, (_, _, host) in sorted(read_checksums(tag_dir).items()):
+        if not os.path.isfile(os.path.join(tag_dir, name)):
+            missing.setdefault(host or 'another node', []).append(name)
+    if not missing:
+        return
+    where = '; '.join(f"{', '.join(names)} from {host}" for host, names in missing.items())
+    host = next(iter(missing))
+    raise ValueError(f'{tag_dir} lacks shards that other nodes saved to their own disks ({where}): copy them '
+                     f'in (e.g. rsync -a {host}:{os.path.abspath(tag_dir)}/ {tag_dir}/) and run this again')
 
 
 def universal_state_dict(tag_dir, model):

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,9 @@ from perf import matmul_flops
 BF16_PAYS_FROM = 1.5
 # how long a rank other than 0 that found a problem every rank finds waits for rank 0 to say it
 RANK0_SAYS_IT_S = 20
+# how long a rank waits for the others at start: nodes started one by one, weights downloaded, ops built (the
+# loop then waits dist_timeout_s: preemption.stop_on_a_lost_rank)
+START_TIMEOUT_S = 600
 
 
 def die(msg, alone=False, exit_code=1):
@@ -146,13 +150,16 @@ def resolve_compile(compile, on_gpu, stage):
     return True, 'compile: on; the first iteration and the first eval also compile the model (torch.compile)'
 
 
-def settle_cpu_dtype(shape, micro_batch, saved):
-    """(dtype, why) for dtype='auto' on a CPU with bf16 kernels, once the model's shape is known: a resumed
-    run keeps its checkpoint's dtype (a measurement near the bar could flip it); otherwise every rank times a
-    block in bf16 and fp32 and they agree on the mean. Collective."""
+def settle_cpu_dtype(shape, micro_batch, saved, ds_config):
+    """(dtype, why) for dtype='auto' on a CPU with bf16 kernels, once the model's shape is known, and
+    ds_config set to it: a resumed run keeps its checkpoint's dtype (a measurement near the bar could flip
+    it); otherwise every rank times a block in bf16 and fp32 and they agree on the mean. Collective."""
     if saved and saved['dtype']:
-        return saved['dtype'], f"{saved['dir']} was trained in it"
-    return choose_dtype('auto', False, 0, True, False, bf16_speedup(shape, micro_batch, collective=True))
+        dtype, why = saved['dtype'], f"{saved['dir']} was trained in it"
+    else:
+        dtype, why = choose_dtype('auto', False, 0, True, False, bf16_speedup(shape, micro_batch, True))
+    ds_config['bf16']['enabled'] = dtype == 'bfloat16'  # (never float16: a CPU has none)
+    return dtype, why
 
 
 def emulated_bf16_warning():
@@ -265,10 +272,12 @@ def share_cpu_cores():
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
-def init_distributed(backend, on_gpu, local_rank):
-    """deepspeed.init_distributed, and (rank, world size). On CPU, DeepSpeed JIT-builds a shared-memory
-    all-reduce op under a lock file that a killed build leaves behind (every later start then hangs without
-    a word), and the op never unlinks its 66 MB /dev/shm buffer per rank and master port."""
+def init_distributed(backend, on_gpu, local_rank, settings):
+    """deepspeed.init_distributed, and (rank, world size). ValueError when the ranks do not all start within
+    START_TIMEOUT_S, or when one was started with other settings than rank 0 (nodes launched one by one). On
+    CPU, DeepSpeed JIT-builds a shared-memory all-reduce op under a lock file that a killed build leaves
+    behind (every later start then hangs without a word), and the op never unlinks its 66 MB /dev/shm buffer
+    per rank and master port."""
     if not on_gpu and local_rank == 0:
         from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for the op's folder
         lock = os.path.join(_get_build_directory('deepspeed_shm_comm', verbose=False), 'lock')
@@ -277,17 +286,39 @@ def init_distributed(backend, on_gpu, local_rank):
             print(f'warning: {lock} is {age_min:.0f} min old; if this start hangs, no other DeepSpeed start '
                   f'is running and it is stale: delete it', file=sys.stderr)
     import deepspeed  # here: the trainer stops on a bad setting before DeepSpeed loads (2 s)
-    deepspeed.init_distributed(dist_backend=backend)
+    master_addr, master_port = os.environ.get('MASTER_ADDR', ''), os.environ.get('MASTER_PORT', '')
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=START_TIMEOUT_S))
+    except (RuntimeError, dist.DistError) as e:  # the rendezvous timed out, or its address is wrong
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        world = os.environ.get('WORLD_SIZE')
+        raise ValueError(f'the {world} ranks did not meet at {master_addr}:{master_port} ({reason}): start '
+                         f'every node within {START_TIMEOUT_S} s with the same hostfile, --master_addr and '
+                         f'--master_port') from None
     rank = dist.get_rank()
+    check_same_settings(settings)
     if not on_gpu and 'LOCAL_SIZE' in os.environ:
         # every rank has mapped every buffer once init returns: drop the names now, and the memory goes
         # back when the ranks exit, however they exit (each run used to leak them)
         dist.barrier()
-        master = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
-        shm_buffer = f'/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master}_{rank}'
+        shm_buffer = f'/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}'
         if os.path.exists(shm_buffer):
             os.remove(shm_buffer)
     return rank, dist.get_world_size()
+
+
+def check_same_settings(settings):
+    """Collective: ValueError when a rank was started with other settings than rank 0's. Nodes launched one by
+    one (--no_ssh) each read their own command line and config files."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), settings))
+    _, ours = everyone[0]
+    for host, theirs in everyone[1:]:
+        differ = [key for key in ours if theirs.get(key) != ours[key]]
+        if differ:
+            shown = ', '.join(f'{key}={theirs[key]!r} there, {ours[key]!r} on rank 0' for key in differ[:3])
+            raise ValueError(f'{host} was started with other settings than rank 0 ({shown}): give every node '
+                             f'the same command line and config files')
 
 
 def use_device(accelerator, local_rank, on_gpu):

@@ -129,11 +129,11 @@ def log_line(r):
 
 
 def progress_bar(shown, total, initial):
-    """(tqdm bar or None, say): the bar when asked for and stdout is a terminal (plain lines otherwise); say
-    prints a line, above the bar when there is one."""
-    if not shown or not sys.stdout.isatty():
-        return None, print
+    """(tqdm bar, say): the bar when asked for and stdout is a terminal, else a disabled one that draws
+    nothing (plain lines); say prints a line, above the bar when there is one."""
     from tqdm import tqdm
+    if not shown or not sys.stdout.isatty():
+        return tqdm(disable=True), print
     bar = tqdm(total=total, initial=initial, unit='iter', dynamic_ncols=True)
     return bar, bar.write
 

@@ -5,16 +5,26 @@ once.
 
 A signal to the `deepspeed` command itself (a container's PID 1, a batch system's notice) reaches no rank:
 DeepSpeed's single-node runner dies of it and leaves its launch.py and the ranks running. So each rank also
-watches its launcher and the runner above it; when either is gone, that counts as the first signal.
+watches its launcher and the runner above it; when either is gone, that counts as the first signal. A signal
+on one node stops every node's ranks: they agree on stopping at every iteration.
+
+A rank that is gone without a word (its node lost power, its process was killed) cannot save with the others:
+a collective that waits dist_timeout_s for it ends the run with one line on each node, and the newest
+checkpoint stays the one to resume.
 """
 import os
 import signal
+import socket
+import sys
 import threading
 import time
+from datetime import timedelta
 
 import psutil
 import torch
 import torch.distributed as dist
+
+import checkpoints
 
 # DeepSpeed's launcher, signalled with its ranks (Ctrl-C in a terminal, a kill of the process group),
 # forwards a copy of the same notice to each rank at once: one arriving this soon after the first is not a
@@ -26,10 +36,17 @@ WATCH_EVERY_S = 1.0  # how often a rank looks for its launcher and runner
 REASONS = (None, 'SIGINT', 'SIGTERM', "the end of DeepSpeed's launch.py", 'the end of the deepspeed command')
 
 
+# what gloo says when a peer is gone: its socket reset or closed, or no answer within the timeout
+GLOO_LOST_PEER = ('third_party/gloo', 'caused pair closure')
+
+
 class StopFlag:
-    def __init__(self, on_gpu):
+    def __init__(self, on_gpu, dist_timeout_s, out_dir):
+        """The loop's watch: signals, the launcher and runner, and (stop_on_a_lost_rank) ranks lost."""
+        timeout_s = dist_timeout_s or (600 if on_gpu else 120)
+        stop_on_a_lost_rank(timeout_s, out_dir)
         # the flag travels on the CPU (gloo) even beside NCCL: agreeing on it is no GPU sync
-        self.group = dist.new_group(backend='gloo') if on_gpu else None
+        self.group = dist.new_group(backend='gloo', timeout=timedelta(seconds=timeout_s)) if on_gpu else None
         self.signal_name, self.at = None, None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
@@ -82,3 +99,28 @@ def alive_parent_of(launcher, runner):
         return runner.is_running() and launcher.ppid() == runner.pid
     except psutil.Error:
         return False
+
+
+def stop_on_a_lost_rank(timeout_s, out_dir):
+    """From here on a collective waits timeout_s for every rank, not the start-up's minutes (ds_setup), and a
+    rank whose collective fails because a peer is gone ends with one line (the first rank of each node says
+    it) and exit 1, not a traceback; the launcher then stops the node's other ranks. 0 on CPU: 120 s (a
+    collective there waits seconds for the slowest rank); with GPUs 600 s, NCCL's own default, which a first
+    compilation or a save of gpt2-xl to a slow disk may need."""
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
+    python_hook = sys.excepthook
+
+    def hook(kind, error, trace):
+        text = str(error)
+        lost = isinstance(error, dist.DistError) or any(mark in text for mark in GLOO_LOST_PEER)
+        if not lost:
+            return python_hook(kind, error, trace)
+        if int(os.environ.get('LOCAL_RANK', '0')) == 0:
+            newest = checkpoints.latest_tag(out_dir) or 'none yet'
+            reason = text.splitlines()[0].split('] ')[-1][:160] if text else kind.__name__
+            print(f'error: rank {dist.get_rank()} on {socket.gethostname()} lost another rank ({reason}; '
+                  f'dist_timeout_s={timeout_s:g}): a node down or its processes killed. Nothing was saved '
+                  f'after this node\'s newest checkpoint ({newest} in {out_dir}); once every node is back, '
+                  f'start every node again with --init_from=resume', file=sys.stderr, flush=True)
+        os._exit(1)
+    sys.excepthook = hook

@@ -9,7 +9,7 @@ AT_LEAST = {
     'max_iters': 1, 'eval_interval': 1, 'log_interval': 1, 'eval_iters': 1, 'batch_size': 1,
     'gradient_accumulation_steps': 1, 'block_size': 1, 'n_layer': 1, 'n_head': 1, 'n_embd': 1,
     'warmup_iters': 0, 'lr_decay_iters': 0, 'keep_last_n': 1, 'max_nonfinite': 1, 'early_stop_patience': 0,
-    'seed': 0, 'sample_max_new_tokens': 0, 'plan_gpus': 0, 'min_free_disk_mb': 0,
+    'seed': 0, 'sample_max_new_tokens': 0, 'plan_gpus': 0, 'min_free_disk_mb': 0, 'dist_timeout_s': 0.0,
     'weight_decay': 0.0, 'grad_clip': 0.0, 'min_lr': 0.0, 'peak_flops': 0.0, 'plan_gpu_mem_gb': 0.0,
 }
 BELOW_ONE = ('dropout', 'beta1', 'beta2')  # fractions in [0, 1)

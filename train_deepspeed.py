@@ -79,6 +79,7 @@ min_lr = 3e-6  # usually learning_rate / 10
 deepspeed_config = 'ds_config_zero2.json'  # ZeRO settings; batch, clipping and precision come from here
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16', 'auto': bf16 from Ampere (fp16 before); CPU: where it pays
 compile = 'auto'  # torch.compile through DeepSpeed's engine; auto: where it pays (ds_setup.resolve_compile)
+dist_timeout_s = 0.0  # a collective waiting this long for a lost rank ends the run; 0: 120 on CPU, 600 on GPU
 seed = 1337
 sample_max_new_tokens = 0  # > 0: print a sample of this many tokens at the end
 sample_start = '\n'
@@ -158,23 +159,23 @@ with user_errors():  # files only: found out before the process group starts
     checkpoints.check_writable(out_dir)
     saved = checkpoints.to_resume(out_dir, resume_tag) if init_from == 'resume' else None  # shape, stage...
 
-rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, local_rank)
+with user_errors():  # every node's ranks meet, with the same settings
+    rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, local_rank, config)
 master_process = rank == 0
 
 # -----------------------------------------------------------------------------
 # model: a checkpoint's shape (its weights are loaded below), from scratch, or pretrained
 with user_errors():
-    if saved:
-        checkpoints.check_before_load(saved, ds_config, world_size)  # every rank its own files
+    node_disks = checkpoints.use_node_disks(out_dir, ds_config)  # no shared file system: a folder per node
+    if saved:  # the nodes agree on a tag; every rank checks its own files
+        saved = checkpoints.check_before_load(saved, ds_config, world_size, node_disks)
     model, model_args = build_model(init_from, scratch_args, overrides, saved and saved['model_args'])
     n_params = model.get_num_params()  # counted before ZeRO-3 partitions the weights
     model.gradient_checkpointing = gradient_checkpointing
     data_sources.check_token_ids(sources, model.config.vocab_size)
     if time_bf16:  # every rank times bf16 against fp32 on a block of this model (or keeps the checkpoint's)
-        dtype, dtype_why = settle_cpu_dtype(model.config, batch_size, saved)
+        dtype, dtype_why = settle_cpu_dtype(model.config, batch_size, saved, ds_config)
         config['dtype'] = dtype
-        ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps,
-                                             world_size, grad_clip, dtype)
 torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own numbers
 
 cpu_adam = offload_of(ds_config) != 'none'  # ZeRO's optimizer offload steps DeepSpeed's CPU Adam, same update
@@ -290,7 +291,7 @@ def save(tag):
 # from iter_k draws exactly what the uninterrupted run drew.
 t_log, iters_since_log = time.time(), 0
 bar, say = progress_bar(master_process and progress, max_iters, iter_num)  # say: a line above the bar
-stop_signal = StopFlag(on_gpu)  # the first SIGTERM/SIGINT: finish this step, save, exit 0; a second: at once
+stop_signal = StopFlag(on_gpu, dist_timeout_s, out_dir)  # SIGTERM/INT: save, exit 0; a lost rank: exit 1
 preempted = False
 while True:
     # evaluate and save. A resumed run does not repeat the eval its checkpoint was saved after
@@ -345,8 +346,7 @@ while True:
         loss_sum += loss.detach().float()
     iter_num += 1
     iters_since_log += 1
-    if bar:
-        bar.update(1)
+    bar.update(1)
     step_skipped = model_engine.skipped_steps > skipped_before  # fp16's loss scaler skipped it: no harm
     if not step_skipped:
         nonfinite_streak = torch.where(torch.isfinite(loss_sum), 0.0, nonfinite_streak + 1)
@@ -366,8 +366,7 @@ while True:
             say(note)
         if master_process:
             say(log_line(record))
-            if bar:
-                bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            bar.set_postfix(loss=f'{lossf:.4f}', tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
         log_record(record)
         if longest_streak >= max_nonfinite:
             stop_nonfinite(f'in {longest_streak:.0f} iterations in a row (up to iter {iter_num - 1}; '
@@ -382,8 +381,7 @@ while True:
         preempted = True
         break
 
-if bar:
-    bar.close()
+bar.close()
 if not eval_only and not preempted:
     save('final')
     if master_process:

@@ -168,7 +168,7 @@ def agreed_reason(rank, port, seen, results):
     """One rank of a 2-process gloo world: StopFlag.anywhere() after this rank has seen `seen`."""
     import torch.distributed as dist
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
-    flag = preemption.StopFlag(on_gpu=False)
+    flag = preemption.StopFlag(on_gpu=False, dist_timeout_s=0, out_dir='unused')
     flag.signal_name = seen
     results.put((rank, flag.anywhere()))
     dist.destroy_process_group()
