@@ -16,6 +16,7 @@ VOCAB_BPE_SHA256 = '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'
 BPE_URL = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
 EOT_TOKEN = 50256
+EOT_TEXT = '<|endoftext|>'  # how GPT-2's end of text, and a character vocabulary's separator, is written
 
 
 def _packaged_bpe_dir():
@@ -38,7 +39,7 @@ def gpt2_encoding():
         vocab_bpe_file=os.path.join(data, 'vocab.bpe'), encoder_json_file=os.path.join(data, 'encoder.json'),
         vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={'<|endoftext|>': EOT_TOKEN}, explicit_n_vocab=50257)
+                             special_tokens={EOT_TEXT: EOT_TOKEN}, explicit_n_vocab=50257)
 
 
 def write_hf_gpt2_tokenizer(folder, model_max_length):
@@ -63,22 +64,32 @@ def write_hf_gpt2_tokenizer(folder, model_max_length):
 
 
 def load_codec(meta_path=None):
-    """(encode, decode) for a dataset: its character vocabulary when meta.pkl exists, else GPT-2 BPE."""
+    """(encode, decode) for a dataset: its character vocabulary when meta.pkl exists, else GPT-2 BPE. A
+    vocabulary from data/prepare.py has a separator id (meta['separator']) that EOT_TEXT encodes to as one id,
+    as GPT-2's BPE encodes it, and that decodes to EOT_TEXT."""
     meta = read_meta(meta_path or '')
     if meta:
         stoi, itos = meta['stoi'], meta['itos']
+        separator = meta.get('separator')  # nanoGPT's meta.pkl has none
 
         def encode(s):
-            unknown = sorted(set(s) - set(stoi))
+            pieces = [s]
+            if separator is not None:
+                pieces = s.split(EOT_TEXT)
+            unknown = sorted(set(''.join(pieces)) - set(stoi))
             if unknown:
                 missing = ''.join(unknown)
                 raise ValueError(f'{missing!r} not in the vocabulary of {meta_path} ({len(stoi)} characters)')
-            return [stoi[c] for c in s]
+            ids = [stoi[c] for c in pieces[0]]
+            for piece in pieces[1:]:
+                ids.append(separator)
+                ids.extend(stoi[c] for c in piece)
+            return ids
         return encode, (lambda ids: ''.join(itos.get(i, '') for i in ids))
     enc = gpt2_encoding()
 
     def encode(s):
-        return enc.encode(s, allowed_special={'<|endoftext|>'})
+        return enc.encode(s, allowed_special={EOT_TEXT})
 
     # a model with a padded vocabulary (50304) may, rarely, sample an id past GPT-2's 50257: skip it
     def decode(ids):

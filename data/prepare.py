@@ -54,7 +54,7 @@ from tqdm import tqdm
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from data_sources import folder  # noqa: E402
-from tokenizer import EOT_TOKEN, gpt2_encoding  # noqa: E402
+from tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_encoding  # noqa: E402
 
 SPLITS = ('train', 'val')
 OUTPUTS = ('train.bin', 'val.bin', 'meta.pkl', 'prepare.json')  # what a dataset folder gets from here
@@ -66,7 +66,6 @@ MAX_BUFFER_BYTES = 4 << 20  # text carried over while looking for a cut that BPE
 HEAD_BYTES = 8192  # a NUL byte in this many first bytes makes a file binary
 FLUSH_TOKENS = 1 << 20  # tokens a unit buffers before writing them out
 MAX_PLACES = 3  # places listed per reason a document was skipped
-SEPARATOR_TEXT = '<|endoftext|>'  # how a character vocabulary's end-of-document id decodes
 # Where a text can be cut and tokenized in two pieces with the same GPT-2 tokens as in one: after a line end
 # that has a printable ASCII character on each side. GPT-2's pre-tokenizer always splits there (a piece never
 # runs from a line end into a non-space), and the whitespace piece is the '\n' alone either way. A cut
@@ -715,7 +714,7 @@ def character_vocabulary(work, num_proc):
     char_ids = np.zeros(sys.maxunicode + 1, dtype=np.uint16)
     char_ids[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint16)
     work.count_chars, work.char_ids, work.end_of_text = False, char_ids, separator
-    itos = {**dict(enumerate(chars)), separator: SEPARATOR_TEXT}
+    itos = {**dict(enumerate(chars)), separator: EOT_TEXT}
     stoi = {ch: i for i, ch in itos.items()}
     return {'vocab_size': len(chars) + 1, 'itos': itos, 'stoi': stoi, 'separator': separator}
 

@@ -151,6 +151,22 @@ def test_character_vocabulary_skips_what_it_left_out(tmp_path):
     assert summary['vocab_size'] == 4  # \n, a, b and the separator
 
 
+def test_character_codec_round_trips_the_separator(tmp_path):
+    """A prompt for a character vocabulary (sample.py's --start) may hold <|endoftext|>, as a GPT-2 one may:
+    it encodes to the separator's one id, not to its characters (here not in the vocabulary), and the
+    separator decodes back to it."""
+    (tmp_path / 'a.txt').write_text('ab\n')
+    (tmp_path / 'b.txt').write_text('ba\n')
+    prepare_main(tmp_path / '*.txt', '--name', tmp_path / 'ds', '--tokenizer', 'char')
+    encode, decode = load_codec(str(tmp_path / 'ds' / 'meta.pkl'))
+    separator = 3  # after \n, a and b
+    prompt = '<|endoftext|>ab\n<|endoftext|>'
+    assert encode(prompt) == [separator, 1, 2, 0, separator]
+    assert decode(encode(prompt)) == prompt
+    with pytest.raises(ValueError, match="'<' not in the vocabulary"):
+        encode('a<b')
+
+
 def test_text_cut_into_units_tokenizes_as_the_whole_text(tmp_path, monkeypatch):
     """A plain-text file bigger than a unit is cut into several, at line ends between printable characters,
     and read in chunks cut the same way: its tokens are exactly encode_ordinary(whole text) + 50256."""
