@@ -28,7 +28,8 @@ Memory stays bounded whatever the corpus: the work is cut into units of about UN
 file list alone, so the output does not depend on --num_proc either), each tokenized by one of --num_proc
 processes into files of its own that are joined in order at the end; text is read CHUNK_BYTES at a time and
 JSON Lines a line at a time. A big text file is cut at line ends where GPT-2's BPE gives the same tokens as
-for the whole text (EXACT_CUT).
+for the whole text (EXACT_CUT). A gzip file is one unit however big (it cannot be cut), so one process
+tokenizes it: give a big corpus as several .gz files.
 """
 import argparse
 import codecs
