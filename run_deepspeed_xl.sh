@@ -4,23 +4,29 @@
 #   ./run_deepspeed_xl.sh                                   # the headline run: gpt2-xl on Shakespeare, every visible GPU
 #   CUDA_VISIBLE_DEVICES=0,1 ./run_deepspeed_xl.sh          # only GPUs 0 and 1
 #   ./run_deepspeed_xl.sh config/my_run.py --max_iters=100  # a config file and overrides, passed through
-#   ./run_deepspeed_xl.sh --hostfile hosts.txt              # several nodes (DeepSpeed hostfile format)
+#   ./run_deepspeed_xl.sh --hostfile hosts.txt              # several nodes, started over ssh (pdsh)
+#   ./run_deepspeed_xl.sh --hostfile hosts.txt --node_rank 1 --master_addr 10.0.0.1   # on each node, no ssh
 #   ./run_deepspeed_xl.sh --cpu-demo [--max_iters=500]      # no GPU: the small CPU demo on 2 CPU ranks
 #   ./run_deepspeed_xl.sh --dry-run [--plan_gpu_mem_gb=32]  # what fits per GPU; trains nothing, needs no GPU
 #
-# Options of this script: --cpu-demo, --dry-run, --hostfile FILE, --num_gpus N, --master_port PORT; everything else goes to
-# train_deepspeed.py. Each failed check prints one line and exits non-zero before anything is launched.
+# Options of this script: --cpu-demo, --dry-run, --hostfile FILE, --node_rank N, --master_addr ADDR, --num_gpus N,
+# --master_port PORT; everything else goes to train_deepspeed.py. Each failed check prints one line and exits
+# non-zero before anything is launched.
 set -euo pipefail
 cd "$(dirname "$0")"
 fail() { echo "error: $*" >&2; exit 1; }
 
-cpu_demo=0; dry_run=0; hostfile=""; num_gpus=""; master_port=29500; train_args=()
+cpu_demo=0; dry_run=0; hostfile=""; node_rank=""; master_addr=""; num_gpus=""; master_port=29500; train_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-demo) cpu_demo=1 ;;
     --dry-run) dry_run=1 ;;
     --hostfile) [ $# -ge 2 ] || fail "--hostfile needs a file"; hostfile="$2"; shift ;;
     --hostfile=*) hostfile="${1#*=}" ;;
+    --node_rank) [ $# -ge 2 ] || fail "--node_rank needs a number"; node_rank="$2"; shift ;;
+    --node_rank=*) node_rank="${1#*=}" ;;
+    --master_addr) [ $# -ge 2 ] || fail "--master_addr needs an address"; master_addr="$2"; shift ;;
+    --master_addr=*) master_addr="${1#*=}" ;;
     --num_gpus) [ $# -ge 2 ] || fail "--num_gpus needs a number"; num_gpus="$2"; shift ;;
     --num_gpus=*) num_gpus="${1#*=}" ;;
     --master_port) [ $# -ge 2 ] || fail "--master_port needs a number"; master_port="$2"; shift ;;
@@ -30,6 +36,14 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -z "$num_gpus" ] || [[ "$num_gpus" =~ ^[1-9][0-9]*$ ]] || fail "--num_gpus $num_gpus: give a whole number of ranks, 1 or more"
+# one command per node (--no_ssh): every node names the same hostfile, its own line in it, and node 0's address
+per_node=0
+if [ -n "$node_rank$master_addr" ]; then
+  [ -n "$hostfile" ] && [ -n "$node_rank" ] && [ -n "$master_addr" ] \
+    || fail "one command per node needs all three: --hostfile FILE --node_rank N --master_addr ADDR (node 0's address)"
+  [[ "$node_rank" =~ ^[0-9]+$ ]] || fail "--node_rank $node_rank: give this node's line number in $hostfile, from 0"
+  per_node=1
+fi
 
 # Python and DeepSpeed: the project's .venv (made by ./setup.sh) if there is one, else whatever is on PATH
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
@@ -47,12 +61,21 @@ if [ "$cpu_demo" = 1 ]; then
   [ -f data/shakespeare_char/train.bin ] || python data/shakespeare_char/prepare.py
   train_args=(config/train_shakespeare_char_cpu.py "${train_args[@]}")
   export DS_ACCELERATOR=cpu
+fi
+if [ -n "$hostfile" ]; then  # the hostfile, this node's slots and the master address, by hosts.py
+  cpu=(); [ "$cpu_demo" = 0 ] && [ "${DS_ACCELERATOR:-}" != cpu ] || cpu=(--cpu)  # slots are CPU ranks
+  if [ "$per_node" = 1 ]; then
+    gpus_desc=$(python hosts.py "$hostfile" "$node_rank" "$master_addr" "$master_port" "${cpu[@]}") || exit 1
+    launch=(--hostfile "$hostfile" --no_ssh --node_rank "$node_rank" --master_addr "$master_addr")
+  else
+    command -v pdsh >/dev/null 2>&1 || fail "pdsh not found: DeepSpeed starts the other nodes over ssh with it; install pdsh, or run one command per node (--node_rank N --master_addr ADDR)"
+    gpus_desc=$(python hosts.py "$hostfile" "${cpu[@]}") || exit 1
+    launch=(--hostfile "$hostfile")
+  fi
+  world="(the ranks in $hostfile)"
+elif [ "$cpu_demo" = 1 ]; then
   launch=(--num_gpus "${num_gpus:-2}")
   gpus_desc="${num_gpus:-2} CPU ranks (gloo)"; world="${num_gpus:-2}"
-elif [ -n "$hostfile" ]; then
-  [ -f "$hostfile" ] || fail "hostfile $hostfile not found"
-  launch=(--hostfile "$hostfile")
-  gpus_desc="the hosts in $hostfile"; world="(GPUs in $hostfile)"
 else
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     IFS=',' read -r -a wanted <<< "$CUDA_VISIBLE_DEVICES"
@@ -131,10 +154,11 @@ if [ "$dry_run" = 1 ]; then
   exec python train_deepspeed.py --dry_run=True --plan_gpus="$world" "${train_args[@]}"
 fi
 echo "running:     deepspeed ${launch[*]} --master_port $master_port train_deepspeed.py ${train_args[*]}"
-if [ -n "$hostfile" ]; then  # several nodes: DeepSpeed's runner passes a Ctrl-C or SIGTERM on to every node's ranks
+if [ -n "$hostfile" ] && [ "$per_node" = 0 ]; then  # over ssh: DeepSpeed's runner passes a Ctrl-C or SIGTERM on to every node's ranks
   env -u CUDA_VISIBLE_DEVICES deepspeed "${launch[@]}" --master_port "$master_port" train_deepspeed.py "${train_args[@]}"
 else
-  # One node: a Ctrl-C or SIGTERM to this script goes to the ranks alone (each finishes its step, saves, exits 0).
+  # This node: a Ctrl-C or SIGTERM to this script goes to its ranks alone (each finishes its step, and every node's
+  # ranks save together and exit 0).
   # DeepSpeed's own launcher would give them 30 s before killing them and exit 1; a second signal stops them at once.
   env -u CUDA_VISIBLE_DEVICES setsid deepspeed "${launch[@]}" --master_port "$master_port" train_deepspeed.py \
     "${train_args[@]}" &

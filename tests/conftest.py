@@ -129,6 +129,12 @@ def metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+def by_iter(out_dir, key):
+    """iter -> key ('loss', 'val_loss', ...) of a run's records, the last record of an iter winning: a run
+    killed and resumed logs some iterations twice."""
+    return {r['iter']: r[key] for r in metrics(out_dir) if key in r}
+
+
 @pytest.fixture(scope='session', autouse=True)
 def prepared_data():
     for name in ('shakespeare_char', 'shakespeare'):
