@@ -79,8 +79,10 @@ class TwoHosts:
         inside = f'hostname host{h} && mount --bind {self.disk[h]} {self.out} && exec "$@"'
         cmd = ['ip', 'netns', 'exec', self.netns[h], 'unshare', '--uts', 'sh', '-c', inside, 'sh', *command]
         log = open(self.logs / f'{h}-{time.time_ns()}.log', 'w+')
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(GLOO_SOCKET_IFNAME=self.veth[h]), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        # each host one core of this machine, as one host's two ranks have: matmuls sum in the same order
+        environ = env(GLOO_SOCKET_IFNAME=self.veth[h], OMP_NUM_THREADS='1')
+        proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         proc.log = log
         return proc
 
