@@ -102,12 +102,15 @@ def alive_parent_of(launcher, runner):
 
 
 def stop_on_a_lost_rank(timeout_s, out_dir):
-    """From here on a collective waits timeout_s for every rank, not the start-up's minutes (ds_setup), and a
-    rank whose collective fails because a peer is gone ends with one line (the first rank of each node says
-    it) and exit 1, not a traceback; the launcher then stops the node's other ranks. 0 on CPU: 120 s (a
-    collective there waits seconds for the slowest rank); with GPUs 600 s, NCCL's own default, which a first
-    compilation or a save of gpt2-xl to a slow disk may need."""
-    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
+    """From here on a collective in any process group waits timeout_s for every rank, not the start-up's
+    minutes (ds_setup) nor torch's 30 for the groups DeepSpeed makes, and a rank whose collective fails
+    because a peer is gone ends with one line (the first rank of each node says it) and exit 1, not a
+    traceback; the launcher then stops the node's other ranks. StopFlag's default: on CPU 120 s (a collective
+    there waits seconds for the slowest rank); with GPUs 600 s, NCCL's own default, which a first compilation
+    or a save of gpt2-xl to a slow disk may need."""
+    c10d = dist.distributed_c10d
+    for group in list(c10d._world.pg_map):  # DeepSpeed's own groups too (ZeRO's gradients travel there)
+        c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
     python_hook = sys.excepthook
 
     def hook(kind, error, trace):

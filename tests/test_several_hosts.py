@@ -155,11 +155,32 @@ def assert_same_run(reference_dir, out_dir, iters):
         assert abs(evals[i] - reference[i]) <= 1e-6, (i, evals[i], reference[i])
 
 
+LOST_AFTER_S = 5  # dist_timeout_s for the tests: a lost host is noticed this long after it stops answering
+
+
+def lose_host_b(two_hosts, a, b, moment, what):
+    """Cut host B's power at the moment; host A must stop within dist_timeout_s (and the time to leave) with
+    one line that names its newest checkpoint, which must be complete. Returns that tag."""
+    wait_for(moment, what, [a, b])
+    two_hosts.power_cut('B')
+    lost_at = time.time()
+    (out_a,) = finish(a)
+    noticed_s = time.time() - lost_at
+    assert a.returncode != 0 and noticed_s < LOST_AFTER_S + 10, (noticed_s, out_a[-3000:])
+    line = one_error(subprocess.CompletedProcess(a.args, a.returncode, out_a))
+    newest = checkpoints.latest_tag(str(two_hosts.disk['A']))
+    assert 'rank 0 on hostA lost another rank' in line and '--init_from=resume' in line
+    assert f'({newest} in {two_hosts.out})' in line
+    assert not checkpoints.verify_own_files(str(two_hosts.disk['A'] / newest), 0)
+    two_hosts.power_on('B')
+    return newest
+
+
 def test_a_signal_on_one_host_saves_both_and_they_resume_as_one(two_hosts, saved_run, tmp_path):
     """ZeRO-2, started as the README says (run_deepspeed_xl.sh on each node). A SIGTERM to host B's command
     (a scheduler pre-empting that node) saves both hosts' shards, each on its own disk, and both exit 0;
-    export on one disk names the shards on the other; resumed, the two hosts log what one host with two ranks
-    logged (saved_run)."""
+    export on one disk names the shards on the other. Resumed, then host B lost mid-training, then resumed
+    again, the two hosts log what one host with two ranks logged (saved_run)."""
     args = [*SAVED_RUN, f'--out_dir={two_hosts.out}']
     a, b = two_hosts.start('A', args, script=True), two_hosts.start('B', args, script=True)
     wait_for(lambda: 'iter 1:' in output(a), 'iter 1 on host A', [a, b])
@@ -179,15 +200,17 @@ def test_a_signal_on_one_host_saves_both_and_they_resume_as_one(two_hosts, saved
     line = one_error(run([sys.executable, 'export.py', f'--out_dir={two_hosts.disk["A"]}']))
     assert 'zero_pp_rank_1_mp_rank_00_optim_states.pt from hostB' in line and 'rsync' in line
 
-    resume = [*args, '--init_from=resume']
+    resume = [*args, '--init_from=resume', f'--dist_timeout_s={LOST_AFTER_S}']
+    a, b = two_hosts.start('A', resume), two_hosts.start('B', resume)
+    training = saved_at + 2 + saved_at % 2  # after its log line, iter training + 1: no eval, no save
+    lost_at = lose_host_b(two_hosts, a, b, lambda: f'iter {training}:' in output(a), f'iter {training}')
     out_a, _ = both_ok(two_hosts.start('A', resume), two_hosts.start('B', resume))
-    assert f'resumed at iter {saved_at}' in out_a
+    assert f'resumed at iter {checkpoints.iter_number(lost_at)}' in out_a
     assert_same_run(saved_run[0], two_hosts.disk['A'], iters=10)
 
 
 ZERO3 = [*TINY, '--deepspeed_config=ds_config_zero3.json', '--dropout=0.1', '--gradient_accumulation_steps=2',
          '--eval_interval=2', '--always_save_checkpoint=True', '--lr_decay_iters=8', '--max_iters=8']
-LOST_AFTER_S = 5  # dist_timeout_s for the test: a lost host is noticed this long after it stops answering
 
 
 def test_a_host_lost_in_a_save_stops_the_other_and_both_resume_as_one(two_hosts, tmp_path):
@@ -198,19 +221,8 @@ def test_a_host_lost_in_a_save_stops_the_other_and_both_resume_as_one(two_hosts,
     ok(launch([*ZERO3, f'--out_dir={tmp_path / "one_host"}']))
     args = [*ZERO3, f'--out_dir={two_hosts.out}', f'--dist_timeout_s={LOST_AFTER_S}']
     a, b = two_hosts.start('A', args), two_hosts.start('B', args)
-    wait_for(lambda: (two_hosts.disk['B'] / 'iter_4.partial').exists(), 'host B saving iter_4', [a, b])
-    two_hosts.power_cut('B')
-    lost_at = time.time()
-    (out_a,) = finish(a)
-    noticed_s = time.time() - lost_at
-    assert a.returncode != 0 and noticed_s < LOST_AFTER_S + 10, (noticed_s, out_a[-3000:])
-    line = one_error(subprocess.CompletedProcess(a.args, a.returncode, out_a))
-    assert 'rank 0 on hostA lost another rank' in line and 'iter_2' in line and '--init_from=resume' in line
-    disk_a = str(two_hosts.disk['A'])
-    assert checkpoints.latest_tag(disk_a) == 'iter_2'
-    assert not checkpoints.verify_own_files(os.path.join(disk_a, 'iter_2'), 0)
-
-    two_hosts.power_on('B')
+    saving = two_hosts.disk['B'] / 'iter_4.partial'
+    assert lose_host_b(two_hosts, a, b, saving.exists, 'host B saving iter_4') == 'iter_2'
     resume = [*args, '--init_from=resume']
     out_a, _ = both_ok(two_hosts.start('A', resume), two_hosts.start('B', resume))
     assert 'resumed at iter 2' in out_a
@@ -255,10 +267,13 @@ def test_a_node_checks_the_hostfile_its_slots_and_the_master(tmp_path, monkeypat
 
 
 def meet(rank, port, settings, out_dirs, results):
-    """One rank of a 2-process gloo world: what the ranks agree on when they meet."""
+    """One rank of a 2-process gloo world: what the ranks agree on when they meet; then, in a process group
+    made after the start (as DeepSpeed makes its own), how long rank 0 waits for a silent rank 1."""
+    import torch
     import torch.distributed as dist
 
     import ds_setup
+    import preemption
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
     try:
         ds_setup.check_same_settings(settings[rank])
@@ -266,13 +281,24 @@ def meet(rank, port, settings, out_dirs, results):
     except ValueError as e:
         said = str(e)
     agreed = checkpoints.agree_on_tag(checkpoints.to_resume(out_dirs[rank]), 2)
-    results.put((rank, said, agreed['tag'], agreed.get('note', '')))
-    dist.destroy_process_group()
+    group = dist.new_group()
+    preemption.stop_on_a_lost_rank(1, out_dirs[rank])
+    waited_s, gave_up = 0.0, ''
+    if rank == 0:
+        start = time.time()
+        try:
+            dist.all_reduce(torch.ones(1), group=group)
+        except RuntimeError as e:
+            gave_up = str(e)
+        waited_s = time.time() - start
+    results.put((rank, said, agreed['tag'], agreed.get('note', ''), waited_s, gave_up))
+    time.sleep(5 if rank else 0)  # silent, not gone: its connections stay open
 
 
-def test_nodes_agree_on_their_settings_and_on_the_tag_to_resume(saved_run, tmp_path):
+def test_nodes_agree_on_settings_and_tag_and_give_up_on_a_silent_rank(saved_run, tmp_path):
     """Ranks started with other settings than rank 0's are named; nodes whose disks' newest tags differ (a
-    save cut short on one) resume the newest that both have."""
+    save cut short on one) resume the newest that both have; once the loop starts, a collective in any
+    process group waits dist_timeout_s for a silent rank, not torch's 30 minutes."""
     disks = [tmp_path / 'a', tmp_path / 'b']
     for disk in disks:
         shutil.copytree(saved_run[0], disk)
@@ -287,6 +313,8 @@ def test_nodes_agree_on_their_settings_and_on_the_tag_to_resume(saved_run, tmp_p
     seen = {rank: rest for rank, *rest in (results.get(timeout=60) for _ in procs)}
     for proc in procs:
         proc.join(timeout=30)
-    for said, tag, note in seen.values():
+    for said, tag, note, _, _ in seen.values():
         assert 'max_iters=12 there, 10 on rank 0' in said and 'the same command line' in said
         assert tag == 'iter_8' and 'resuming iter_8, the newest on every node' in note
+    _, _, _, waited_s, gave_up = seen[0]
+    assert 'Timed out' in gave_up and 1 <= waited_s < 4, (waited_s, gave_up)
