@@ -1,6 +1,7 @@
 """gradient_checkpointing=True recomputes each block in the backward pass instead of keeping its activations:
 on real 2-rank DeepSpeed runs (fp32, dropout 0.1, gradient accumulation) it trains to the same losses as the
-run without it, under ZeRO-2 and ZeRO-3, and its checkpoints resume either way."""
+run without it, and its checkpoints resume either way. (Under ZeRO-3, whose parameters are gathered again in
+the recomputation, test_compile's ZeRO-3 run trains with it, compiled and then eager.)"""
 import pytest
 
 from conftest import TINY, launch, metrics, ok
@@ -20,15 +21,14 @@ def evals(out_dir):
 
 @pytest.fixture(scope='module')
 def plain(tmp_path_factory):
-    """The run without recomputation, under ZeRO-2 (ZeRO-3 trains the same losses in fp32)."""
+    """The run without recomputation, under ZeRO-2."""
     out = tmp_path_factory.mktemp('plain') / 'out'
     ok(launch([*ARGS, f'--out_dir={out}']))
     return out
 
 
-@pytest.mark.parametrize('stage', [2, 3])
-def test_same_losses_with_and_without_recomputation(tmp_path, plain, stage):
-    config = f'--deepspeed_config=ds_config_zero{stage}.json'
+def test_same_losses_with_and_without_recomputation(tmp_path, plain):
+    config = '--deepspeed_config=ds_config_zero2.json'
     recomputed = tmp_path / 'recomputed'
     proc = ok(launch([*ARGS, config, f'--out_dir={recomputed}', '--gradient_checkpointing=True',
                       '--always_save_checkpoint=True']))
