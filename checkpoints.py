@@ -181,9 +181,9 @@ def use_node_disks(out_dir, ds_config):
     has the first rank of every node write the model states too, so that each node resumes from its own disk,
     and each node keeps its own 'latest'. Returns that answer."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    probe = os.path.join(os.path.abspath(out_dir), f'.node-probe-{socket.gethostname()}-{time.time_ns()}')
+    # in out_dir, or the folder it will be made in: a run stopped on bad input leaves no out_dir behind
+    probe = os.path.join(existing_ancestor(out_dir), f'.node-probe-{socket.gethostname()}-{time.time_ns()}')
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
         open(probe, 'w').close()
     probes = [None] * world_size
     dist.all_gather_object(probes, probe)  # rank 0's name, once its file is written
@@ -218,7 +218,7 @@ def check_before_load(saved, ds_config, world_size, node_disks):
                          f"({others or 'there is none'})")
     if saved['universal']:
         ds_config['checkpoint'] = {**ds_config.get('checkpoint', {}), 'load_universal': True}
-        return
+        return saved
     if saved['stage'] > 0 and saved['world_size'] != world_size:
         tag_dir = saved['dir']
         raise ValueError(
