@@ -3,9 +3,9 @@ good one. Saves rotate: the newest keep_last_n iter_* tags stay, with the best-v
 nothing half-written is left behind. A save that would not fit on the disk (with min_free_disk_mb to spare)
 stops the run before writing anything, in one error line. A damaged shard, even one torch.load would read
 without complaint, is found before loading and named in one error line with the tags to resume from
-instead. (A kill between parking the old 'final' and renaming the new save into place: test_kill_safe.) Each
-test works on one finished real 2-rank DeepSpeed run on CPU (gloo), the
-saved_run fixture, or a copy of it."""
+instead. (A kill between parking the old 'final' and renaming the new save into place: test_kill_safe.)
+Each test works on one finished real 2-rank DeepSpeed run on CPU (gloo), the saved_run fixture, or a copy
+of it."""
 import os
 import shutil
 
