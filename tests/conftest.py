@@ -22,6 +22,7 @@ TINY_RUN = ['--dataset=shakespeare_char', '--block_size=32', '--batch_size=8',
 TINY = ['--init_from=scratch', '--n_layer=2', '--n_head=2', '--n_embd=64', *TINY_RUN]
 # the saved_run fixture's: tests that compare a run with it (another JSON, compile) start from these
 SAVED_RUN = [*TINY, '--max_iters=10', '--eval_interval=2', '--always_save_checkpoint=True', '--keep_last_n=2']
+ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_checkpointing=True']
 
 
 def free_port():
@@ -217,4 +218,13 @@ def saved_run(tmp_path_factory):
     change only copies of out_dir."""
     out = tmp_path_factory.mktemp('run') / 'out'
     proc = ok(launch([*SAVED_RUN, f'--out_dir={out}']))
+    return out, proc.stdout
+
+
+@pytest.fixture(scope='session')
+def saved_run_zero3(tmp_path_factory):
+    """(out_dir, stdout) of saved_run's run under ZeRO-3 with gradient checkpointing (whose recomputation
+    gathers the parameters again). Tests change only copies of out_dir."""
+    out = tmp_path_factory.mktemp('run_zero3') / 'out'
+    proc = ok(launch([*SAVED_RUN, *ZERO3_CHECKPOINTING, f'--out_dir={out}']))
     return out, proc.stdout

@@ -1,8 +1,9 @@
 """compile=True: torch.compile through DeepSpeed's engine (model_engine.compile(), which compiles the module
-in place). A compiled run trains the eager run's model, in fp32 to 1e-5, under ZeRO-2 and under ZeRO-3 with
-gradient checkpointing; its checkpoints are the eager run's (the same parameter names), so either resumes the
-other and export reads them. Real 2-rank DeepSpeed runs on CPU, compared with the saved_run fixture's eager
-ZeRO-2 run."""
+in place). A compiled run trains the eager run's model, in fp32 to 1e-5, under ZeRO-2 (compile='auto' on GPUs)
+with gradient checkpointing; its checkpoints are the eager run's (the same parameter names), so either resumes
+the other and export reads them. Real 2-rank DeepSpeed runs on CPU, compared with the saved_run fixture's
+eager ZeRO-2 run. (Compiled under ZeRO-3, which 'auto' leaves eager, the losses matched too when measured;
+that costs a compilation more than the suite can spend.)"""
 import shutil
 
 import pytest
@@ -10,8 +11,6 @@ import pytest
 import checkpoints
 from conftest import SAVED_RUN, launch, metrics, ok
 from ds_setup import resolve_compile
-
-ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_checkpointing=True']
 
 
 def assert_eager_losses(records, eager_dir, resumed_at=0):
@@ -34,26 +33,21 @@ def test_auto_compiles_where_it_pays():
     assert resolve_compile(False, True, 2) == (False, '')
 
 
-def test_an_eager_checkpoint_resumes_compiled_under_zero2(saved_run, tmp_path):
+def test_eager_and_compiled_checkpoints_resume_each_other(saved_run, tmp_path):
+    """saved_run's eager iter_6 resumed compiled, with gradient checkpointing; then its iter_8 resumed
+    eager."""
     eager, _ = saved_run
     out = tmp_path / 'out'
     shutil.copytree(eager, out)
     proc = ok(launch([*SAVED_RUN, f'--out_dir={out}', '--init_from=resume', '--resume_tag=iter_6',
-                      '--compile=True']))
+                      '--compile=True', '--gradient_checkpointing=True']))
     assert 'ZeRO-2, float32' in proc.stdout and 'compile: on' in proc.stdout
-    assert_eager_losses(metrics(out)[len(metrics(eager)):], eager, resumed_at=6)
-
-
-def test_compiled_under_zero3_with_checkpointing_and_resumed_eager(saved_run, tmp_path):
-    eager, _ = saved_run
-    out = tmp_path / 'out'
-    proc = ok(launch([*SAVED_RUN, *ZERO3_CHECKPOINTING, f'--out_dir={out}', '--compile=True']))
-    assert 'ZeRO-3, float32' in proc.stdout and 'compile: on' in proc.stdout
-    compiled = metrics(out)
-    assert_eager_losses(compiled, eager)
+    compiled = metrics(out)[len(metrics(eager)):]
+    assert_eager_losses(compiled, eager, resumed_at=6)
     model, client = checkpoints.load_model(str(out), 'final')  # what export.py reads: the eager names
     assert client['config']['compile'] is True and model.get_num_params() > 0
-    proc = ok(launch([*SAVED_RUN, *ZERO3_CHECKPOINTING, f'--out_dir={out}', '--init_from=resume',
-                      '--resume_tag=iter_6', '--compile=False']))
-    assert 'resumed at iter 6' in proc.stdout and 'compile: on' not in proc.stdout
-    assert_eager_losses(metrics(out)[len(compiled):], eager, resumed_at=6)
+
+    proc = ok(launch([*SAVED_RUN, f'--out_dir={out}', '--init_from=resume', '--resume_tag=iter_8',
+                      '--compile=False']))
+    assert 'resumed at iter 8' in proc.stdout and 'compile: on' not in proc.stdout
+    assert_eager_losses(metrics(out)[len(metrics(eager)) + len(compiled):], eager, resumed_at=8)

@@ -1,7 +1,7 @@
 """The shipped offload JSONs run for real on 2 CPU ranks: ZeRO-2 with the optimizer on the CPU, ZeRO-3 with
 the optimizer and the parameters there. DeepSpeed's CPU Adam steps the optimizer (DeepSpeed refuses a torch
-one there) with the same groups, betas and schedule: the losses are torch AdamW's. The runs resume exactly
-and export."""
+one there) with the same groups, betas and schedule: the losses are torch AdamW's. The runs resume exactly;
+ZeRO-3's exports (ZeRO-2's checkpoint is plain ZeRO-2's, which test_weights exports)."""
 import sys
 
 import pytest
@@ -33,6 +33,8 @@ def test_offload_trains_like_adamw_resumes_and_exports(tmp_path, saved_run, json
     for it in range(6, 10):
         assert abs(losses(out)[it] - uninterrupted[it]) <= 1e-5, it
 
+    if json == 'ds_config_zero2_offload.json':
+        return
     ok(run([sys.executable, 'export.py', f'--out_dir={out}', f'--export_dir={tmp_path / "export"}']))
     exported = torch.load(tmp_path / 'export' / 'ckpt.pt', map_location='cpu', weights_only=True)
     model = GPT(GPTConfig(**exported['model_args']))

@@ -17,7 +17,7 @@ import pytest
 
 import checkpoints
 import hosts
-from conftest import BIN, REPO, SAVED_RUN, TINY, by_iter, env, free_port, launch, ok, one_error, run
+from conftest import BIN, REPO, SAVED_RUN, ZERO3_CHECKPOINTING, by_iter, env, free_port, one_error, run
 
 ADDRESSES = {'A': '10.231.0.1', 'B': '10.231.0.2'}  # inside the namespaces only; host A is the master
 MASTER = ADDRESSES['A']
@@ -209,24 +209,20 @@ def test_a_signal_on_one_host_saves_both_and_they_resume_as_one(two_hosts, saved
     assert_same_run(saved_run[0], two_hosts.disk['A'], iters=10)
 
 
-ZERO3 = [*TINY, '--deepspeed_config=ds_config_zero3.json', '--dropout=0.1', '--gradient_accumulation_steps=2',
-         '--eval_interval=2', '--always_save_checkpoint=True', '--lr_decay_iters=8', '--max_iters=8']
-
-
-def test_a_host_lost_in_a_save_stops_the_other_and_both_resume_as_one(two_hosts, tmp_path):
-    """ZeRO-3 with dropout and gradient accumulation (random streams and micro steps must carry over). Host B
+def test_a_host_lost_in_a_save_stops_the_other_and_both_resume_as_one(two_hosts, saved_run_zero3):
+    """ZeRO-3 with gradient checkpointing (the recomputation gathers parameters across the hosts). Host B
     loses power while it saves iter_4: host A stops within dist_timeout_s with one line that names the newest
-    checkpoint, iter_2, which stays complete; both resume from it and log what one uninterrupted host with two
-    ranks logged."""
-    ok(launch([*ZERO3, f'--out_dir={tmp_path / "one_host"}']))
-    args = [*ZERO3, f'--out_dir={two_hosts.out}', f'--dist_timeout_s={LOST_AFTER_S}']
+    checkpoint, iter_2, which stays complete; both resume from it and log what one host with two ranks logged
+    (saved_run_zero3)."""
+    args = [*SAVED_RUN, *ZERO3_CHECKPOINTING, f'--out_dir={two_hosts.out}',
+            f'--dist_timeout_s={LOST_AFTER_S}']
     a, b = two_hosts.start('A', args), two_hosts.start('B', args)
     saving = two_hosts.disk['B'] / 'iter_4.partial'
     assert lose_host_b(two_hosts, a, b, saving.exists, 'host B saving iter_4') == 'iter_2'
     resume = [*args, '--init_from=resume']
     out_a, _ = both_ok(two_hosts.start('A', resume), two_hosts.start('B', resume))
     assert 'resumed at iter 2' in out_a
-    assert_same_run(tmp_path / 'one_host', two_hosts.disk['A'], iters=8)
+    assert_same_run(saved_run_zero3[0], two_hosts.disk['A'], iters=10)
 
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import checkpoints
 from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, one_error
 from conftest import run, tiny_hf
 from model import GPT, GPTConfig
+from tokenizer import EOT_TEXT
 
 
 def ds_config(tmp_path, stage):
@@ -110,13 +111,10 @@ def test_export_any_stage(tmp_path, stage, dtype):
         assert pickle.load(f)['vocab_size'] == 85
 
 
-@pytest.fixture(scope='module')
-def char_run(tmp_path_factory):
-    """A ZeRO-3 character-level run with checkpoints iter_2 and final."""
-    out = tmp_path_factory.mktemp('char') / 'out'
-    ok(launch([*TINY, f'--out_dir={out}', '--deepspeed_config=ds_config_zero3.json', '--max_iters=4',
-               '--eval_interval=2', '--always_save_checkpoint=True']))
-    return out
+@pytest.fixture
+def char_run(saved_run_zero3):
+    """A ZeRO-3 character-level run with checkpoints iter_6, iter_8 and final (iter 10): saved_run_zero3."""
+    return saved_run_zero3[0]
 
 
 def test_sample_from_a_run_and_its_export_agree(char_run, tmp_path):
@@ -132,23 +130,26 @@ def test_sample_from_a_run_and_its_export_agree(char_run, tmp_path):
     assert texts[0] == texts[1] == texts[2]
     samples = texts[0].split('---------------\n')
     assert len(samples) == 3 and samples[2] == ''  # two samples, each ended by the separator
-    assert all(s.startswith('ROMEO:\n') and len(s) == len('ROMEO:\n') + 40 + 1 for s in samples[:2])
+    # 40 new characters and a newline, the separator (written as EOT_TEXT) counting as one
+    lengths = [len(s.replace(EOT_TEXT, '|')) for s in samples[:2]]
+    assert all(s.startswith('ROMEO:\n') for s in samples[:2]) and lengths == [len('ROMEO:\n') + 40 + 1] * 2
     assert samples[0] != samples[1]
     assert sample_text(f'--out_dir={char_run}', '--seed=7') != sample_text(f'--out_dir={char_run}')
 
 
 def test_export_finds_checkpoints_and_refuses_to_overwrite(char_run, tmp_path):
     # a tag folder given as out_dir (one level too deep) is understood
-    proc = ok(export(char_run / 'iter_2', tmp_path / 'a'))
-    assert f'exported {char_run}/iter_2 (iter 2' in proc.stdout
-    assert torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+    proc = ok(export(char_run / 'iter_6', tmp_path / 'a'))
+    assert f'exported {char_run}/iter_6 (iter 6' in proc.stdout
+    assert torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['iter_num'] == 6
     # an existing export is never overwritten
     proc = export(char_run, tmp_path / 'a')
     assert 'already exists and is not empty' in one_error(proc)
-    assert torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+    assert torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['iter_num'] == 6
     # a tag that is not there: the ones that are, and nothing written
     error = one_error(export(char_run, tmp_path / 'b', '--tag=iter_3'))
-    assert "no checkpoint 'iter_3'" in error and 'final, iter_2' in error and not (tmp_path / 'b').exists()
+    assert "no checkpoint 'iter_3'" in error and 'final, iter_6, iter_8' in error
+    assert not (tmp_path / 'b').exists()
     assert 'not found' in one_error(export(tmp_path / 'nowhere', tmp_path / 'b'))
     # sample.py: a prompt the character vocabulary cannot spell
     assert 'not in the vocabulary' in one_error(sample(f'--out_dir={char_run}', '--start=naïve'))
@@ -161,7 +162,7 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     shutil.copytree(char_run, out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob('*')}
     resume = [*TINY_RUN, f'--out_dir={out}', '--deepspeed_config=ds_config_zero3.json', '--init_from=resume']
-    error = one_error(launch([*resume, '--max_iters=6'], ranks=1))
+    error = one_error(launch([*resume, '--max_iters=12'], ranks=1))
     assert 'shards for 2 ranks, this run has 1' in error and '--resume_tag=final_universal' in error
     assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
     ok(run(shlex.split(error.split('`')[1])))  # the command the error names, as a user would paste it
@@ -175,12 +176,12 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     (out / 'final.partial').mkdir()  # the remains of a save killed half-way: cleared, never mixed in
     rank_1_file = checkpoints.files_of_rank(str(out / 'final'), 1)[0]
     (out / 'final.partial' / rank_1_file).write_text('junk')
-    proc = ok(launch([*resume, '--resume_tag=final_universal', '--max_iters=6', '--eval_interval=2'],
+    proc = ok(launch([*resume, '--resume_tag=final_universal', '--max_iters=12', '--eval_interval=2'],
                      ranks=1))
     assert not (out / 'final.partial').exists() and not (out / 'final.old').exists()
-    assert 'resumed at iter 4' in proc.stdout and 'the batch order starts afresh' in proc.stdout
+    assert 'resumed at iter 10' in proc.stdout and 'the batch order starts afresh' in proc.stdout
     evals = [r for r in metrics(out) if 'val_loss' in r]
-    assert evals[-1]['iter'] == 6 and evals[-1]['val_loss'] < evals[-2]['val_loss']
+    assert evals[-1]['iter'] == 12 and evals[-1]['val_loss'] < evals[-2]['val_loss']
     # the new final is one rank's checkpoint throughout: no shard of the 2-rank save is left in it
     one_rank = checkpoints.files_of_rank(str(out / 'final'), 0)  # ZeRO-3: its model and optimizer states
     assert len(one_rank) == 2 and not checkpoints.files_of_rank(str(out / 'final'), 1)
