@@ -70,7 +70,9 @@ on_gpu = torch.cuda.is_available()
 device = 'cuda' if on_gpu else 'cpu'
 
 
-def batches():
+def batches(block_size):
+    """Endless (x, y) micro batches of block_size tokens: the shape's, not the --block_size option, which
+    the gpt2 and gpt2-xl rows do not use (a GPU smoke found their plain rows timing 128-token sequences)."""
     data = np.memmap(os.path.join(data_sources.folder(dataset), 'train.bin'), dtype=np.uint16, mode='r')
     rng = np.random.default_rng(0)
     while True:
@@ -90,7 +92,7 @@ def plain(shape, accumulation):
         ctx = torch.autocast(device, enabled=False)
     else:
         ctx = torch.autocast(device, dtype=getattr(torch, dtype))
-    data = batches()
+    data = batches(shape.block_size)
     times = []
     for it in range(warmup_iters + iters):
         t0 = time.perf_counter()
@@ -164,7 +166,7 @@ else:  # per rank, with the threads a rank gets; the plain loop's MFU uses the w
 rows = []
 with tempfile.TemporaryDirectory() as workdir:
     for label, shape in shapes.items():
-        tokens = global_batch * block_size if label == 'bench' else global_batch * shape.block_size
+        tokens = global_batch * shape.block_size
         fpt = flops_per_token(shape)
         runs = [('plain PyTorch, 1 process', partial(plain, shape, global_batch // batch_size), 1)]
         for ranks in map(int, worlds.split(',')):
