@@ -272,20 +272,16 @@ def share_cpu_cores():
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
-def init_distributed(backend, on_gpu, local_rank, settings):
+def init_distributed(backend, on_gpu, settings):
     """deepspeed.init_distributed, and (rank, world size). ValueError when the ranks do not all start within
-    START_TIMEOUT_S, or when one was started with other settings than rank 0 (nodes launched one by one). On
-    CPU, DeepSpeed JIT-builds a shared-memory all-reduce op under a lock file that a killed build leaves
-    behind (every later start then hangs without a word), and the op never unlinks its 66 MB /dev/shm buffer
-    per rank and master port."""
-    if not on_gpu and local_rank == 0:
-        from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for the op's folder
-        lock = os.path.join(_get_build_directory('deepspeed_shm_comm', verbose=False), 'lock')
-        age_min = (time.time() - os.path.getmtime(lock)) / 60 if os.path.exists(lock) else 0
-        if age_min > 5:
-            print(f'warning: {lock} is {age_min:.0f} min old; if this start hangs, no other DeepSpeed start '
-                  f'is running and it is stale: delete it', file=sys.stderr)
+    START_TIMEOUT_S, or when one was started with other settings than rank 0 (nodes launched one by one)."""
     import deepspeed  # here: the trainer stops on a bad setting before DeepSpeed loads (2 s)
+    if not on_gpu:
+        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce for tensor-parallel inference
+        # (dist.inference_all_reduce), which training never calls: 30 s of C++ on a new machine, a lock file
+        # that hangs every later start when a build is killed, 66 MB of /dev/shm per rank it never frees.
+        # Marked incompatible, it is not built (deepspeed/comm/torch.py, build_shm_op).
+        deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'] = False
     master_addr, master_port = os.environ.get('MASTER_ADDR', ''), os.environ.get('MASTER_PORT', '')
     try:
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=START_TIMEOUT_S))
@@ -297,13 +293,6 @@ def init_distributed(backend, on_gpu, local_rank, settings):
                          f'--master_port') from None
     rank = dist.get_rank()
     check_same_settings(settings)
-    if not on_gpu and 'LOCAL_SIZE' in os.environ:
-        # every rank has mapped every buffer once init returns: drop the names now, and the memory goes
-        # back when the ranks exit, however they exit (each run used to leak them)
-        dist.barrier()
-        shm_buffer = f'/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}'
-        if os.path.exists(shm_buffer):
-            os.remove(shm_buffer)
     return rank, dist.get_world_size()
 
 

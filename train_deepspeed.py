@@ -160,7 +160,7 @@ with user_errors():  # files only: found out before the process group starts
     saved = checkpoints.to_resume(out_dir, resume_tag) if init_from == 'resume' else None  # shape, stage...
 
 with user_errors():  # every node's ranks meet, with the same settings
-    rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, local_rank, config)
+    rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, config)
 master_process = rank == 0
 
 # -----------------------------------------------------------------------------

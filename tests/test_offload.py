@@ -1,14 +1,18 @@
 """The shipped offload JSONs run for real on 2 CPU ranks: ZeRO-2 with the optimizer on the CPU, ZeRO-3 with
 the optimizer and the parameters there. DeepSpeed's CPU Adam steps the optimizer (DeepSpeed refuses a torch
 one there) with the same groups, betas and schedule: the losses are torch AdamW's. The runs resume exactly;
-ZeRO-3's exports (ZeRO-2's checkpoint is plain ZeRO-2's, which test_weights exports)."""
+ZeRO-3's exports (ZeRO-2's checkpoint is plain ZeRO-2's, which test_weights exports). Started with another
+ninja first on PATH (the system's, of another version), the run still builds CPU Adam with its own venv's:
+each ninja takes the other's build for stale and rebuilds it. The build lives in the venv, not in a cache two
+venvs share."""
+import os
 import sys
 
 import pytest
 import torch
 
 import checkpoints
-from conftest import SAVED_RUN, expected_eval, launch, metrics, ok, run
+from conftest import SAVED_RUN, env, expected_eval, launch, metrics, ok, run
 from model import GPT, GPTConfig
 
 def losses(out_dir):
@@ -18,8 +22,14 @@ def losses(out_dir):
 @pytest.mark.parametrize('json', ['ds_config_zero2_offload.json', 'ds_config_zero3_offload.json'])
 def test_offload_trains_like_adamw_resumes_and_exports(tmp_path, saved_run, json):
     """The same run as saved_run's (plain ZeRO-2, torch's AdamW on each rank) but for the JSON."""
-    out = tmp_path / 'out'
-    ok(launch([*SAVED_RUN, f'--deepspeed_config={json}', f'--out_dir={out}']))
+    out, other_ninja = tmp_path / 'out', tmp_path / 'bin' / 'ninja'
+    other_ninja.parent.mkdir()
+    other_ninja.write_text(f'#!/bin/sh\ntouch {tmp_path}/other_ninja_ran\nexit 1\n')
+    other_ninja.chmod(0o755)
+    path = f"{other_ninja.parent}{os.pathsep}{os.environ['PATH']}"
+    ok(launch([*SAVED_RUN, f'--deepspeed_config={json}', f'--out_dir={out}'], environ=env(PATH=path)))
+    assert not (tmp_path / 'other_ninja_ran').exists()
+    assert os.path.isfile(os.path.join(sys.prefix, 'torch_extensions', 'cpu_adam', 'cpu_adam.so'))
     ran_with = checkpoints.read_client_state(str(out / 'final'))['ds_config']['zero_optimization']
     assert ran_with['offload_optimizer']['device'] == 'cpu'
     uninterrupted = losses(out)
