@@ -1,7 +1,7 @@
 """gradient_checkpointing=True recomputes each block in the backward pass instead of keeping its activations:
 on real 2-rank DeepSpeed runs (fp32, dropout 0.1, gradient accumulation) it trains to the same losses as the
 run without it, and its checkpoints resume either way. (Under ZeRO-3, whose parameters are gathered again in
-the recomputation, test_compile's ZeRO-3 run trains with it, compiled and then eager.)"""
+the recomputation, the saved_run_zero3 fixture trains with it: test_deepspeed_runs.)"""
 import pytest
 
 from conftest import TINY, launch, metrics, ok
