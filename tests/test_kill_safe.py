@@ -189,18 +189,18 @@ class Killed(BaseException):
 
 @pytest.fixture(scope='module')
 def engine():
-    """A real engine of a tiny model in this process, as a world of one (prepare_process: the trainer's own
-    environment for plain `python train_deepspeed.py`); the process group and the environment go when the
-    module is done."""
+    """A real engine of a tiny model in this process, as a world of one, started as the trainer starts
+    (prepare_process: its environment for plain `python train_deepspeed.py`; init_distributed: its process
+    group); the process group and the environment go when the module is done."""
     environ = dict(os.environ)
     os.environ['DS_ACCELERATOR'] = 'cpu'
     prepare_process()
     import deepspeed
     import torch.distributed as dist
 
-    from ds_setup import resolve_ds_config
+    from ds_setup import init_distributed, resolve_ds_config
     from model import GPT, GPTConfig
-    deepspeed.init_distributed(dist_backend='gloo')
+    init_distributed('gloo', False, {})
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     ds_config, _ = resolve_ds_config('ds_config_zero2.json', 1, 1, 1, 1.0, 'float32')
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))

@@ -8,6 +8,7 @@ import platform
 import re
 import shlex
 import subprocess
+import sys
 from importlib.metadata import version
 
 import pytest
@@ -73,11 +74,13 @@ def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
     assert first_start['resumed_at'] is None and resumed['resumed_at'] == 4
 
 
-def in_a_terminal(args):
-    """Run the launcher under script(1), which gives it a pty (of a real width: tqdm draws nothing in 0
-    columns)."""
+def in_a_terminal(args, ranks=2):
+    """Run the launcher (or, for one rank, plain python) under script(1), which gives it a pty (of a real
+    width: tqdm draws nothing in 0 columns)."""
     deepspeed = os.path.join(BIN, 'deepspeed')
     cmd = [deepspeed, '--num_gpus', '2', '--master_port', str(free_port()), 'train_deepspeed.py', *args]
+    if ranks == 1:
+        cmd = [sys.executable, 'train_deepspeed.py', *args]
     in_the_pty = 'stty cols 120 rows 40; ' + shlex.join(cmd)
     proc = subprocess.run(['script', '-qefc', in_the_pty, '/dev/null'], cwd=REPO, env=env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
@@ -91,7 +94,7 @@ def test_progress_bar_on_a_terminal(tmp_path):
     # tqdm's bar with its rate
     assert re.search(r'\b3/3 \[', shown) and ('iter/s' in shown or 's/iter' in shown)
     assert 'iter 2: loss' in shown  # the log lines still appear, above the bar
-    plain = in_a_terminal([*args, f'--out_dir={tmp_path / "b"}', '--progress=False'])
+    plain = in_a_terminal([*args, f'--out_dir={tmp_path / "b"}', '--progress=False'], ranks=1)
     assert not re.search(r'\d/3 \[', plain) and 'iter 2: loss' in plain
 
 

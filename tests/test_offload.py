@@ -1,10 +1,11 @@
 """The shipped offload JSONs run for real on 2 CPU ranks: ZeRO-2 with the optimizer on the CPU, ZeRO-3 with
 the optimizer and the parameters there. DeepSpeed's CPU Adam steps the optimizer (DeepSpeed refuses a torch
-one there) with the same groups, betas and schedule: the losses are torch AdamW's. The runs resume exactly;
-ZeRO-3's exports (ZeRO-2's checkpoint is plain ZeRO-2's, which test_weights exports). Started with another
-ninja first on PATH (the system's, of another version), the run still builds CPU Adam with its own venv's:
-each ninja takes the other's build for stale and rebuilds it. The build lives in the venv, not in a cache two
-venvs share."""
+one there) with the same groups, betas and schedule: the losses are torch AdamW's. ZeRO-3's run, parameters
+and optimizer on the CPU, resumes exactly and exports. ZeRO-2 offload's checkpoint has plain ZeRO-2's files,
+whose resume and export other tests hold; its resume was checked exact once and left out of the suite for
+time. Started with another ninja first on PATH (the system's, of another version), the run still builds CPU
+Adam with its own venv's: each ninja takes the other's build for stale and rebuilds it. The build lives in the
+venv, not in a cache two venvs share."""
 import os
 import sys
 
@@ -36,6 +37,8 @@ def test_offload_trains_like_adamw_resumes_and_exports(tmp_path, saved_run, json
     assert sorted(uninterrupted) == list(range(10))
     for it, loss in losses(saved_run[0]).items():  # CPU Adam's update is AdamW's, to float rounding
         assert abs(uninterrupted[it] - loss) <= 1e-5, (it, uninterrupted[it], loss)
+    if json == 'ds_config_zero2_offload.json':
+        return
 
     proc = ok(launch([*SAVED_RUN, f'--deepspeed_config={json}', f'--out_dir={out}', '--init_from=resume',
                       '--resume_tag=iter_6']))
@@ -43,8 +46,6 @@ def test_offload_trains_like_adamw_resumes_and_exports(tmp_path, saved_run, json
     for it in range(6, 10):
         assert abs(losses(out)[it] - uninterrupted[it]) <= 1e-5, it
 
-    if json == 'ds_config_zero2_offload.json':
-        return
     ok(run([sys.executable, 'export.py', f'--out_dir={out}', f'--export_dir={tmp_path / "export"}']))
     exported = torch.load(tmp_path / 'export' / 'ckpt.pt', map_location='cpu', weights_only=True)
     model = GPT(GPTConfig(**exported['model_args']))
