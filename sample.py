@@ -18,7 +18,7 @@ from model import GPT, GPTConfig, is_pretrained_source
 init_from = 'resume'
 out_dir = 'out-shakespeare-xl-deepspeed'  # with init_from='resume'
 tag = ''  # with init_from='resume': e.g. 'iter_10'; empty: the one out_dir/latest names
-start = '\n'  # the prompt, or 'FILE:path' to read it from a file; empty: <|endoftext|> (GPT-2 BPE only)
+start = '\n'  # the prompt, or 'FILE:path' to read it from a file; empty: <|endoftext|> (or the separator)
 num_samples = 3
 max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # 1.0 samples the model's distribution; lower is more predictable
@@ -32,6 +32,7 @@ from configurator import configure  # noqa: E402
 
 configure(globals())
 import checkpoints  # noqa: E402
+from data_sources import read_meta  # noqa: E402
 from ds_setup import die, user_errors  # noqa: E402
 from tokenizer import EOT_TOKEN, load_codec  # noqa: E402
 
@@ -71,11 +72,15 @@ if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:
         start = f.read()
 try:
-    start_ids = encode(start) or ([EOT_TOKEN] if gpt2_bpe else [])
+    start_ids = encode(start)
 except ValueError as e:
     die(f'--start: {e}')
-if not start_ids:
-    die('--start is empty: a character-level model needs at least one character to start from')
+if not start_ids:  # an empty prompt starts a document: after GPT-2's <|endoftext|>, or the separator
+    separator = EOT_TOKEN if gpt2_bpe else read_meta(meta_path).get('separator')
+    if separator is None:  # nanoGPT's character vocabularies have none
+        die(f'--start is empty and {meta_path} has no document separator to start from: give at least one '
+            f'character')
+    start_ids = [separator]
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)

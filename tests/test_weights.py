@@ -159,6 +159,8 @@ def test_export_finds_checkpoints_and_refuses_to_overwrite(char_run, tmp_path):
     assert 'not found' in one_error(export(tmp_path / 'nowhere', tmp_path / 'b'))
     # sample.py: a prompt the character vocabulary cannot spell
     assert 'not in the vocabulary' in one_error(sample(f'--out_dir={char_run}', '--start=naïve'))
+    # an empty prompt starts a document after the vocabulary's separator, as GPT-2 BPE after <|endoftext|>
+    assert sample_text(f'--out_dir={char_run}', '--start=').startswith(EOT_TEXT)
 
 
 def test_resume_on_another_number_of_ranks(char_run, tmp_path):
