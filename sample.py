@@ -32,9 +32,8 @@ from configurator import configure  # noqa: E402
 
 configure(globals())
 import checkpoints  # noqa: E402
-from data_sources import read_meta  # noqa: E402
 from ds_setup import die, user_errors  # noqa: E402
-from tokenizer import EOT_TOKEN, load_codec  # noqa: E402
+from tokenizer import load_codec, prompt_ids  # noqa: E402
 
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
@@ -72,15 +71,9 @@ if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:
         start = f.read()
 try:
-    start_ids = encode(start)
+    start_ids = prompt_ids(encode, start)
 except ValueError as e:
     die(f'--start: {e}')
-if not start_ids:  # an empty prompt starts a document: after GPT-2's <|endoftext|>, or the separator
-    separator = EOT_TOKEN if gpt2_bpe else read_meta(meta_path).get('separator')
-    if separator is None:  # nanoGPT's character vocabularies have none
-        die(f'--start is empty and {meta_path} has no document separator to start from: give at least one '
-            f'character')
-    start_ids = [separator]
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)

@@ -76,6 +76,9 @@ def load_codec(meta_path=None):
             pieces = [s]
             if separator is not None:
                 pieces = s.split(EOT_TEXT)
+            elif EOT_TEXT in s:
+                raise ValueError(f'{meta_path} has no document separator for {EOT_TEXT} (nanoGPT\'s '
+                                 f'vocabularies have none): start from characters of its vocabulary')
             unknown = sorted(set(''.join(pieces)) - set(stoi))
             if unknown:
                 missing = ''.join(unknown)
@@ -97,10 +100,16 @@ def load_codec(meta_path=None):
     return encode, decode
 
 
+def prompt_ids(encode, start):
+    """start's ids; an empty start begins a document, after EOT_TEXT (GPT-2's end of text, or a character
+    vocabulary's separator). ValueError where the vocabulary cannot spell it."""
+    return encode(start or EOT_TEXT)
+
+
 def sample_text(model, meta_path, start, max_new_tokens, device):
     """One sample of max_new_tokens after start, decoded (the trainer's end-of-run sample). The model in eval
     mode; under ZeRO-3 every rank must call this, as the forward pass gathers weights collectively."""
     import torch
     encode, decode = load_codec(meta_path)
-    idx = torch.tensor([encode(start)], dtype=torch.long, device=device)
+    idx = torch.tensor([prompt_ids(encode, start)], dtype=torch.long, device=device)
     return decode(model.generate(idx, max_new_tokens, temperature=0.8, top_k=200)[0].tolist())

@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
-from tokenizer import gpt2_encoding, load_codec
+from tokenizer import EOT_TOKEN, gpt2_encoding, load_codec, prompt_ids
 
 
 def bins(name):
@@ -31,6 +32,21 @@ def test_char_level_data():
     encode, decode = load_codec(os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl'))
     text = decode(train[:20000].tolist())
     assert 'the' in text and encode(text[:500]) == train[:500].tolist()
+
+
+def test_an_empty_prompt_starts_a_document(tmp_path):
+    """prompt_ids: '' is GPT-2's end of text, or a character vocabulary's separator; nanoGPT's vocabulary has
+    none and says so."""
+    assert prompt_ids(load_codec()[0], '') == [EOT_TOKEN]
+    char_meta = os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl')
+    with open(char_meta, 'rb') as f:
+        meta = pickle.load(f)
+    assert prompt_ids(load_codec(char_meta)[0], '') == [meta['separator']]
+    nanogpt_meta = tmp_path / 'meta.pkl'
+    with open(nanogpt_meta, 'wb') as f:
+        pickle.dump({k: meta[k] for k in ('vocab_size', 'stoi', 'itos')}, f)
+    with pytest.raises(ValueError, match='no document separator'):
+        prompt_ids(load_codec(str(nanogpt_meta))[0], '')
 
 
 def test_bpe_data_decodes_to_shakespeare():
