@@ -45,21 +45,21 @@ step export "$PY" export.py --out_dir="$WORK/zero3" --export_dir="$WORK/exported
 step sample "$PY" sample.py --init_from="$WORK/exported" --num_samples=1 --max_new_tokens=40
 step compare "$PY" - "$WORK" "$LOG" <<'EOF'
 """The figures: losses, resume, export against transformers, the plan against the measured peak."""
-import json, re, sys
+import os, re, sys
 import torch
 from transformers import GPT2LMHeadModel
+sys.path.insert(0, 'tests')
+from conftest import metrics  # the suite's readers of a run's metrics.jsonl
+from conftest import by_iter as by_iter_of
 from model import GPT, GPTConfig
 work, log = sys.argv[1:]
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
-def records(run):
-    return [json.loads(line) for line in open(f'{work}/{run}/metrics.jsonl')]
-
 def by_iter(run, key):
-    return {r['iter']: r[key] for r in records(run) if key in r}
+    return by_iter_of(os.path.join(work, run), key)
 
 for run in ('zero2', 'zero3'):
-    steps = [r for r in records(run) if 'dt_ms' in r]
+    steps = [r for r in metrics(os.path.join(work, run)) if 'dt_ms' in r]
     ms = sorted(r['dt_ms'] for r in steps[3:])[len(steps[3:]) // 2]
     peak = max(r.get('gpu_alloc_mb', 0) for r in steps) / 1024
     reserved = max(r.get('gpu_reserved_mb', 0) for r in steps) / 1024

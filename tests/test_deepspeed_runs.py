@@ -45,8 +45,9 @@ def test_trains_and_checkpoints(saved_run, saved_run_zero3, stage):
     assert state['model_args']['vocab_size'] == 85  # from data/shakespeare_char/meta.pkl, not GPT-2's 50304
     assert state['config']['max_iters'] == 10
     assert state['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
-    zero2 = [r['loss'] for r in metrics(saved_run[0]) if 'loss' in r]
-    assert [r['loss'] for r in steps] == pytest.approx(zero2, abs=1e-5)
+    if stage == 3:  # the same model as ZeRO-2's
+        zero2 = [r['loss'] for r in metrics(saved_run[0]) if 'loss' in r]
+        assert [r['loss'] for r in steps] == pytest.approx(zero2, abs=1e-5)
 
 
 # Stopped and resumed, a run logs the losses of one that never stopped: ZeRO-2 in test_preemption's SIGTERM

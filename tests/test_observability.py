@@ -77,10 +77,12 @@ def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
 def in_a_terminal(args, ranks=2):
     """Run the launcher (or, for one rank, plain python) under script(1), which gives it a pty (of a real
     width: tqdm draws nothing in 0 columns)."""
-    deepspeed = os.path.join(BIN, 'deepspeed')
-    cmd = [deepspeed, '--num_gpus', '2', '--master_port', str(free_port()), 'train_deepspeed.py', *args]
     if ranks == 1:
         cmd = [sys.executable, 'train_deepspeed.py', *args]
+    else:
+        deepspeed = os.path.join(BIN, 'deepspeed')
+        cmd = [deepspeed, '--num_gpus', str(ranks), '--master_port', str(free_port()), 'train_deepspeed.py',
+               *args]
     in_the_pty = 'stty cols 120 rows 40; ' + shlex.join(cmd)
     proc = subprocess.run(['script', '-qefc', in_the_pty, '/dev/null'], cwd=REPO, env=env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
