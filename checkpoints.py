@@ -499,7 +499,7 @@ def load_model(out_dir, folder):
     saved = read_client_state(tag_dir)
     if 'model_args' not in saved:
         raise ValueError(f'{tag_dir} was not saved by train_deepspeed.py (no model_args in it)')
-    model = GPT(GPTConfig(**saved['model_args']))
+    model = GPT(GPTConfig(**saved['model_args']), init=False)  # its weights are loaded below
     if is_universal(tag_dir):
         state_dict = universal_state_dict(tag_dir, model)
     elif zero_stage(saved) == 0:

@@ -310,11 +310,35 @@ def check_same_settings(settings):
                              f'the same command line and config files')
 
 
-def use_device(accelerator, local_rank, on_gpu):
-    """This rank's device: its GPU (TF32 matmuls allowed, as nanoGPT does), or 'cpu'."""
+def start_engine(model, optimizer, ds_config, stage, dtype, device):
+    """(engine, its optimizer): deepspeed.initialize. Without an optimizer (an evaluation that loads no
+    checkpoint), ZeRO-3 still partitions the weights (DeepSpeed's engine without one gathers each layer as
+    it runs), but ZeRO 0-2 would only split what an optimizer holds: there the model itself in the run's
+    precision is the engine (DeepSpeed refuses ZeRO-1/2 without an optimizer, and its bf16 path makes an fp32
+    copy of every weight for one)."""
+    import deepspeed
+    if optimizer is None and stage < 3:
+        return model.to(device, getattr(torch, dtype)), None
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+def use_device(accelerator, local_rank, on_gpu, mem_cap_gb=0.0):
+    """This rank's device: its GPU (TF32 matmuls allowed, as nanoGPT does), or 'cpu'. mem_cap_gb > 0: the
+    process may allocate only that much of the GPU (torch.cuda.set_per_process_memory_fraction), a smaller
+    card rehearsed on a bigger one. ValueError for a cap without a GPU or beyond it."""
     if not on_gpu:
+        if mem_cap_gb:
+            raise ValueError(f'gpu_mem_cap_gb={mem_cap_gb} caps a GPU, and this run has none: drop it (a dry '
+                             f'run plans for a card of that size with --plan_gpu_mem_gb={mem_cap_gb:g})')
         return 'cpu'
     accelerator.set_device(local_rank)
+    if mem_cap_gb:
+        total_gib = torch.cuda.get_device_properties(local_rank).total_memory / 2**30
+        if mem_cap_gb > total_gib:
+            raise ValueError(f'gpu_mem_cap_gb={mem_cap_gb} is more than this GPU has ({total_gib:.1f} GiB): '
+                             f'use --gpu_mem_cap_gb={int(total_gib)} or less')
+        torch.cuda.set_per_process_memory_fraction(mem_cap_gb / total_gib, local_rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return accelerator.device_name(local_rank)

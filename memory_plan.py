@@ -8,13 +8,17 @@ it. Three parts, added as if they peaked together, which they nearly do at the s
 Not counted, so leave a margin: the CUDA context and NCCL's workspaces (some hundreds of MB,
 driver-dependent), the caching allocator's fragmentation, and the token ids (about 16 bytes a token).
 """
+import os
+
+import psutil
 import torch
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from ds_setup import bf16_speedup, choose_dtype, die, offload_of
-from model import GPT, GPTConfig, is_pretrained_source, num_params, pretrained_config
+from model import GPT, GPTConfig, num_params
+from model_init import is_pretrained_source, pretrained_config
 from perf import memory_mb
 
 # bytes per element of weights, gradients, activations
@@ -70,9 +74,15 @@ def _model_states_by_hand(n, largest, stage, world_size, offload, dtype):
         gpu, cpu = weights + (grads if stage == 1 else 0), (FP32_BYTES + master + ADAM_BYTES) * n / world_size
     if offload == 'optimizer+params':
         gpu, cpu = gpu - w * n / world_size, cpu + w * n / world_size
-    # each rank first builds the whole model in fp32 (the trainer doesn't use zero.Init), as the estimators
-    # assume with zero_init=False: that is the CPU floor
-    return int(gpu), int(max(cpu, FP32_BYTES * n))
+    return int(gpu), int(max(cpu, start_host_bytes(n, largest, stage)))
+
+
+def start_host_bytes(n_params, largest_layer_params, stage):
+    """Host memory a rank needs to start, the floor of its CPU column (model_init.py): under ZeRO 0-2 it
+    builds the whole model in fp32 on the host (as DeepSpeed's estimators assume with zero_init=False); under
+    ZeRO-3 (deepspeed.zero.Init) each parameter is made whole once, one at a time, before its shard leaves
+    (zero_init=True)."""
+    return FP32_BYTES * (largest_layer_params if stage == 3 else n_params)
 
 
 def model_states_bytes(n_params, largest_layer_params, stage, world_size, offload='none', dtype='bfloat16'):
@@ -90,7 +100,7 @@ def model_states_bytes(n_params, largest_layer_params, stage, world_size, offloa
     else:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(n_params, largest_layer_params, world_size, 1,
                                                             offload != 'none', offload == 'optimizer+params',
-                                                            False, 1.0)  # zero_init=False: see above
+                                                            True, 1.0)  # zero_init: start_host_bytes
         # stage3.py's grad_partitions_flat_buffer, 16-bit on the GPU: the estimator omits it
         if offload == 'none':
             gpu += 2 * n_params // world_size
@@ -235,9 +245,10 @@ ENGINE_RESIDENT_GIB = 0.12
 
 
 def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage, config_path,
-           gpu_mem_bytes=None, cpu_runtime_gib=None, checkpointing=False):
-    """The dry run's text: the table, a recommendation when the GPU's size is known, and for a run on this
-    machine's CPU ranks (cpu_runtime_gib: what a rank holds before any model) the resident memory per rank."""
+           gpu_mem_bytes=None, cpu_runtime_gib=None, checkpointing=False, host=None):
+    """The dry run's text: the table, a recommendation when the GPU's size is known, for a run on this
+    machine's CPU ranks (cpu_runtime_gib: what a rank holds before any model) the resident memory per rank,
+    and with host (host_memory_lines' ranks_per_node, host_ram_gib, runtime_gib) what a node needs."""
     rows = plan(config, micro_batch, grad_accum, world_size, dtype, ds_config, gpu_mem_bytes,
                 checkpointing=checkpointing)
     lines = [format_plan(rows, in_use=(stage, offload_of(ds_config), config_path))]
@@ -259,7 +270,26 @@ def report(config, micro_batch, grad_accum, world_size, dtype, ds_config, stage,
         lines.append(f'CPU ranks here: about {total_gib:.2f} GiB resident per rank '
                      f'({cpu_runtime_gib:.2f} runtime + {ENGINE_RESIDENT_GIB:.2f} engine + '
                      f"{own['total_gib']:.2f} ZeRO-{stage} plan, buckets counted as far as they fill)")
+    if host is not None:
+        in_use = next(r for r in rows if (r['stage'], r['offload']) == (stage, offload_of(ds_config)))
+        per_rank_gib = total_gib if cpu_runtime_gib is not None else in_use['cpu_gib'] + host['runtime_gib']
+        lines += host_memory_lines(per_rank_gib, stage, **host)
     return '\n'.join(lines)
+
+
+def host_memory_lines(per_rank_gib, stage, ranks_per_node, host_ram_gib, runtime_gib):
+    """What a node's RAM must hold: its ranks x what each holds at the start or after (the CPU column, or a
+    CPU rank's resident set), and a warning when this host has less."""
+    need_gib = ranks_per_node * per_rank_gib
+    lines = [f'host memory per node: {ranks_per_node} rank(s) x {per_rank_gib:.1f} GiB = {need_gib:.1f} GiB '
+             f'(CPU/rank with {runtime_gib:.1f} GiB of runtime each); this host has {host_ram_gib:.1f} GiB']
+    if need_gib > host_ram_gib:
+        fix = 'fewer ranks per node'
+        if stage < 3:  # under ZeRO 0-2 every rank builds the whole model on the host first
+            fix += ', or ZeRO-3 (--deepspeed_config=ds_config_zero3.json): its ranks build only their shards'
+        lines.append(f'warning: the ranks of one node need {need_gib:.1f} GiB of host memory, more than this '
+                     f'host has ({host_ram_gib:.1f} GiB): {fix}')
+    return lines
 
 
 def dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, data_note, on_gpu):
@@ -281,7 +311,7 @@ def dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, d
     if time_bf16:
         dtype, dtype_why = choose_dtype('auto', False, 0, True, False,
                                         bf16_speedup(shape, batch_size, collective=False))
-    gpu_mem = plan_gpu_mem_gb * GIB
+    gpu_mem = (plan_gpu_mem_gb or config['gpu_mem_cap_gb']) * GIB  # a capped GPU is planned as the cap
     if on_gpu and not gpu_mem:
         gpu_mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     world = f'world size {world_size}' + (' (plan_gpus)' if plan_gpus > 0 else '')
@@ -297,12 +327,17 @@ def dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, d
         lines.append(f'dtype auto -> {dtype}: {dtype_why}')
     if data_note:
         lines.append(data_note)
-    cpu_runtime_gib = None
+    from torch import _dynamo  # noqa: F401  deepspeed.initialize imports it on first use: ~70 MB a rank
+    runtime_gib = memory_mb(False)['rss_mb'] / 1024  # torch, DeepSpeed and what they import
     planning_own_cpu_ranks = not on_gpu and not plan_gpus and not plan_gpu_mem_gb
-    if planning_own_cpu_ranks:
-        from torch import _dynamo  # noqa: F401  deepspeed.initialize imports it on first use: ~70 MB a rank
-        cpu_runtime_gib = memory_mb(False)['rss_mb'] / 1024  # torch, DeepSpeed and what they import
+    # a plan for GPUs elsewhere puts them on one node; a launched dry run has its launcher's count
+    ranks_per_node = world_size
+    if not plan_gpus:
+        ranks_per_node = int(os.environ.get('LOCAL_SIZE') or os.environ.get('LOCAL_WORLD_SIZE') or world_size)
+    host = dict(ranks_per_node=ranks_per_node, host_ram_gib=psutil.virtual_memory().total / GIB,
+                runtime_gib=runtime_gib)
+    own_ranks_runtime_gib = runtime_gib if planning_own_cpu_ranks else None
     lines.append(report(shape, batch_size, accumulation, world_size, dtype, ds_config, stage,
-                        config['deepspeed_config'], gpu_mem or None, cpu_runtime_gib,
-                        config['gradient_checkpointing']))
+                        config['deepspeed_config'], gpu_mem or None, own_ranks_runtime_gib,
+                        config['gradient_checkpointing'], host))
     return '\n'.join(lines)

@@ -260,6 +260,7 @@ class StepMeter:
 
     def __init__(self, model, block_size, micro_batch, tokens_per_iter, given_peak, dtype, on_gpu, local_rank,
                  time_phases):
+        start_peak_mb = memory_mb(False)['peak_rss_mb']  # what the start needed (before CPU matmul timing)
         shape = dataclasses.replace(model.config, block_size=block_size)  # a resumed model may know more
         self.recomputes = model.gradient_checkpointing  # FLOPs it spends that MFU does not count
         self.flops_per_token = flops_per_token(shape)
@@ -268,8 +269,11 @@ class StepMeter:
         name = torch.cuda.get_device_name(local_rank) if on_gpu else f'cpu, {torch.get_num_threads()} threads'
         gemms = model_gemms(micro_batch * block_size, shape.n_embd, shape.vocab_size)
         self.peak, self.peak_source = device_peak_flops(given_peak, dtype, name if on_gpu else None, gemms)
-        self.devices = [None] * self.world_size  # every rank's host and device, for run.json
-        dist.all_gather_object(self.devices, f'{socket.gethostname()}: {name}')
+        # every rank's host and device, and the host memory its start needed (model_init.py)
+        start = [None] * self.world_size
+        dist.all_gather_object(start, (f'{socket.gethostname()}: {name}', start_peak_mb))
+        self.devices = [device for device, _ in start]
+        self.start_peak_rss_mb = [round(peak_mb, 1) for _, peak_mb in start]
         self.timer = PhaseTimer(use_events=on_gpu) if time_phases else None
         self.said_why_no_mfu = False
 
@@ -282,19 +286,23 @@ class StepMeter:
             self.timer.restart()
 
     def run_info(self):
-        """What run.json keeps of the meter: every rank's device, the FLOPs per token and the peak."""
-        return dict(devices=self.devices, flops_per_token=self.flops_per_token, peak_flops=self.peak,
-                    peak_source=self.peak_source)
+        """What run.json keeps of the meter: every rank's device and start's host memory peak, the FLOPs per
+        token and the peak FLOP/s."""
+        return dict(devices=self.devices, start_peak_rss_mb=self.start_peak_rss_mb,
+                    flops_per_token=self.flops_per_token, peak_flops=self.peak, peak_source=self.peak_source)
 
-    def peak_line(self):
-        """What MFU is measured against, for the start of the run."""
+    def start_lines(self):
+        """For the start of the run: what MFU is measured against, and the host memory the start needed (a
+        host needs that times its ranks)."""
+        memory = (f'host memory at start: {max(self.start_peak_rss_mb) / 1024:.2f} GiB peak resident on the '
+                  f'fullest of {self.world_size} rank(s) (weights, engine, runtime)')
         if not self.peak:
             return (f'MFU not shown: no peak known for {self.devices[0]} in {self.dtype}; give '
-                    f'--peak_flops=<FLOP/s of one device>')
+                    f'--peak_flops=<FLOP/s of one device>\n{memory}')
         line = f'MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({self.peak_source}, {self.dtype})'
         if self.recomputes:
             line += "; model FLOPs only: gradient checkpointing's recomputation is not counted"
-        return line
+        return f'{line}\n{memory}'
 
     def record(self, iter_num, loss, lr, dt_ms, engine):
         """(metrics record, a line to say once or ''). Collective: the memory figures are the top rank's."""

@@ -129,7 +129,8 @@ EOF
 need_gb=$(python - "$settings" <<'EOF'
 import json, sys
 import checkpoints
-from model import GPTConfig, is_pretrained_source, num_params, pretrained_config
+from model import GPTConfig, num_params
+from model_init import is_pretrained_source, pretrained_config
 s = json.loads(sys.argv[1])
 shape = GPTConfig(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], block_size=s['block_size'],
                   vocab_size=50304)

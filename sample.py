@@ -11,7 +11,8 @@ from contextlib import nullcontext, redirect_stdout
 
 import torch
 
-from model import GPT, GPTConfig, is_pretrained_source
+from model import GPT, GPTConfig
+from model_init import from_pretrained, is_pretrained_source
 
 # -----------------------------------------------------------------------------
 # 'resume' (out_dir's checkpoint), an export folder or its ckpt.pt, 'gpt2'...'gpt2-xl', a transformers folder
@@ -53,12 +54,12 @@ elif init_from.endswith('.pt') or os.path.isfile(os.path.join(init_from, 'ckpt.p
     if not os.path.isfile(path):
         die(f'{path} not found: pass a file written by export.py')
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model = GPT(GPTConfig(**checkpoint['model_args']), init=False)  # loaded next
     model.load_state_dict(checkpoint['model'])
     meta_path = os.path.join(os.path.dirname(path), 'meta.pkl')
     source = f"{path} (iter {checkpoint.get('iter_num')})"
 elif is_pretrained_source(init_from):
-    model = GPT.from_pretrained(init_from)
+    model = from_pretrained(init_from)
     meta_path = os.path.join(init_from, 'meta.pkl')
     source = init_from
 else:

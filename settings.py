@@ -11,6 +11,7 @@ AT_LEAST = {
     'warmup_iters': 0, 'lr_decay_iters': 0, 'keep_last_n': 1, 'max_nonfinite': 1, 'early_stop_patience': 0,
     'seed': 0, 'sample_max_new_tokens': 0, 'plan_gpus': 0, 'min_free_disk_mb': 0, 'dist_timeout_s': 0.0,
     'weight_decay': 0.0, 'grad_clip': 0.0, 'min_lr': 0.0, 'peak_flops': 0.0, 'plan_gpu_mem_gb': 0.0,
+    'gpu_mem_cap_gb': 0.0,
 }
 BELOW_ONE = ('dropout', 'beta1', 'beta2')  # fractions in [0, 1)
 

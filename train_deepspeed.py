@@ -8,6 +8,7 @@ No GPU: the same code on 2 CPU ranks over gloo (after python data/shakespeare_ch
 $ deepspeed --num_gpus 2 train_deepspeed.py config/train_shakespeare_char_cpu.py
 $ deepspeed --num_gpus 4 train_deepspeed.py --init_from=resume [--resume_tag=iter_10]  # newest, or a tag
 """
+import dataclasses
 import math
 import os
 import time
@@ -18,7 +19,7 @@ import torch
 import checkpoints
 import data_sources
 
-from model import build_model
+from model_init import build, start_shape
 from perf import MetricsLog, StepMeter, eval_line, log_line, progress_bar, write_run_json
 from plot import plot_after_run
 from preemption import StopFlag
@@ -42,6 +43,7 @@ plot = False  # at the end, draw out_dir/loss.png (plot.py)
 dry_run = False  # print the batch, the parameter count and the memory plan per GPU for ZeRO 0-3, then exit
 plan_gpus = 0  # plan for this many GPUs (0: the launcher's world size)
 plan_gpu_mem_gb = 0.0  # GiB per GPU to fit in (0: the visible GPU's); recommends a stage and micro batch
+gpu_mem_cap_gb = 0.0  # > 0: each rank uses at most this many GiB of its GPU (a smaller card, rehearsed)
 eval_iters = 20  # batches per split per rank at each eval
 eval_only = False  # evaluate once, print every rank's view of the result, exit
 always_save_checkpoint = False  # save at every eval, not only when val loss improves
@@ -91,17 +93,16 @@ config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged
 # -----------------------------------------------------------------------------
 import settings
 from ds_setup import (die, exit_cleanly, init_distributed, offload_of, prepare_process,
-                      resolve_compile, resolve_ds_config, resolve_dtype, settle_cpu_dtype, use_device,
-                      user_errors)
+                      resolve_compile, resolve_ds_config, resolve_dtype, settle_cpu_dtype, start_engine,
+                      use_device, user_errors)
 
 with user_errors():  # before DeepSpeed loads: a wrong number costs a second, not five
     settings.check(config)
 
 prepare_process()  # a world of one for plain `python train_deepspeed.py`; CPU ranks share the cores
 
-import deepspeed  # (after the environment is set: it picks its accelerator on import)
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
+from deepspeed.accelerator import get_accelerator  # after the environment is set: picked on import
 
 accelerator = get_accelerator()
 on_gpu = accelerator.device_name() == 'cuda'
@@ -112,9 +113,9 @@ with user_errors():  # time_bf16: on a CPU with bf16 kernels, fp32 until bf16 is
     dtype, dtype_why, time_bf16 = resolve_dtype(config, on_gpu, local_rank)
     ds_config, stage = resolve_ds_config(deepspeed_config, batch_size, gradient_accumulation_steps,
                                          world_size, grad_clip, dtype)
+    device = use_device(accelerator, local_rank, on_gpu, gpu_mem_cap_gb)
 compile, compile_note = resolve_compile(compile, on_gpu, stage)  # auto: on with GPUs under ZeRO 0-2
 config.update(dtype=dtype, zero_stage=stage, compile=compile)
-device = use_device(accelerator, local_rank, on_gpu)
 torch.manual_seed(seed)  # the same on every rank: a scratch model starts identical everywhere
 
 # -----------------------------------------------------------------------------
@@ -164,23 +165,27 @@ with user_errors():  # every node's ranks meet, with the same settings
 master_process = rank == 0
 
 # -----------------------------------------------------------------------------
-# model: a checkpoint's shape (its weights are loaded below), from scratch, or pretrained
+# model: a checkpoint's shape (its weights load below), scratch or pretrained; one copy of the weights at
+# most, under ZeRO-3 only each rank's shard (model_init.py)
 with user_errors():
     node_disks = checkpoints.use_node_disks(out_dir, ds_config)  # no shared file system: a folder per node
     if saved:  # the nodes agree on a tag; every rank checks its own files
         saved = checkpoints.check_before_load(saved, ds_config, world_size, node_disks)
-    model, model_args = build_model(init_from, scratch_args, overrides, saved and saved['model_args'])
-    n_params = model.get_num_params()  # counted before ZeRO-3 partitions the weights
-    model.gradient_checkpointing = gradient_checkpointing
-    data_sources.check_token_ids(sources, model.config.vocab_size)
+    shape = start_shape(init_from, scratch_args, overrides, saved and saved['model_args'])
+    data_sources.check_token_ids(sources, shape.vocab_size)
     if time_bf16:  # every rank times bf16 against fp32 on a block of this model (or keeps the checkpoint's)
-        dtype, dtype_why = settle_cpu_dtype(model.config, batch_size, saved, ds_config)
+        dtype, dtype_why = settle_cpu_dtype(shape, batch_size, saved, ds_config)
         config['dtype'] = dtype
+    model = build(shape, None if saved else init_from, seed, ds_config if stage == 3 else None)
+model_args, n_params = dataclasses.asdict(shape), model.get_num_params()
+model.gradient_checkpointing = gradient_checkpointing
 torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own numbers
 
 cpu_adam = offload_of(ds_config) != 'none'  # ZeRO's optimizer offload steps DeepSpeed's CPU Adam, same update
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), cpu_adam)
-model_engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+optimizer = None  # an evaluation that loads nothing steps nothing: no fp32 master copy beside the weights
+if not eval_only or saved:
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), cpu_adam)
+model_engine, optimizer = start_engine(model, optimizer, ds_config, stage, dtype, device)
 if compile:  # in place (nn.Module.compile): parameter names, checkpoints and exports are as without it
     model_engine.compile()
 
@@ -211,7 +216,7 @@ if master_process:
         print(f'dtype auto -> {dtype}: {dtype_why}')
     if world_size == 1 and stage > 0:  # docs/performance.md: ZeRO-2 ran 0.89x the plain loop on one CPU rank
         print(f'note: ZeRO-{stage} on one rank partitions nothing and costs time; "stage": 0 is faster')
-    print(meter.peak_line())
+    print(meter.start_lines())  # MFU's peak, the host memory the start needed
 
 # metrics.jsonl, and wandb / tensorboard when asked for; a resumed run continues its checkpoint's wandb run
 log_record = MetricsLog(out_dir, config, wandb_project if wandb_log else None, wandb_run_name,

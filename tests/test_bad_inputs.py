@@ -57,6 +57,13 @@ def pretrained(tmp):
     return [*TINY_RUN, f"--init_from={tmp / 'hf'}"]
 
 
+def pretrained_without_weights(tmp):
+    """A transformers GPT-2 of TINY's shape whose folder has lost its weights: config.json is all there is."""
+    tiny_hf(tmp / 'hf', n_embd=64)
+    os.remove(tmp / 'hf' / 'model.safetensors')
+    return [f"--init_from={tmp / 'hf'}"]
+
+
 def without_checkpoints(out):
     """A finished run's out_dir with its checkpoints taken away: the metrics and run.json stay."""
     os.remove(out / checkpoints.LATEST)
@@ -120,6 +127,12 @@ TRAINER_CASES = {
     'fp16_on_cpu': (
         lambda tmp, out: ['--dtype=float16'],
         ["dtype='float16' needs a GPU", '--dtype=bfloat16']),
+    'gpu_memory_cap_without_a_gpu': (
+        lambda tmp, out: ['--gpu_mem_cap_gb=24'],
+        ['gpu_mem_cap_gb=24.0 caps a GPU', 'has none', '--plan_gpu_mem_gb=24']),
+    'pretrained_folder_without_weights': (  # a config.json and nothing to load
+        lambda tmp, out: pretrained_without_weights(tmp),
+        ['has no model.safetensors', 'save_pretrained(DIR)']),
     'resume_without_any_checkpoint': (
         lambda tmp, out: without_checkpoints(out) or ['--init_from=resume'],
         ['nothing to resume', 'latest not found', '--init_from=scratch']),
@@ -133,7 +146,7 @@ TRAINER_CASES = {
         lambda tmp, out: [f"--dataset={folder(tmp / 'nodata')}"],
         ['nodata/train.bin not found', 'prepare.py']),
     'pretrained_weights_out_of_reach': (  # the hub cannot be reached (HF_HUB_OFFLINE=1 in every case here)
-        lambda tmp, out: ['--init_from=gpt2'],
+        lambda tmp, out: ['--init_from=gpt2', '--n_layer=12', '--n_head=12', '--n_embd=768'],
         ['weights of gpt2 could not be loaded', 'save_pretrained(DIR)', '--init_from=DIR']),
     # numbers of the right type that cannot work: settings.py, whose every rule tests/test_settings.py checks;
     # here the one line it gives a command

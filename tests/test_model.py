@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_hf
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, num_params
 
 SMALL = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
@@ -75,36 +74,6 @@ def test_weight_decay_groups():
     assert decay['weight_decay'] == 0.1 and all(p.dim() == 2 for p in decay['params'])
     assert no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
     assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params()
-
-
-# head sizes 16, 16, 8 and 6 (n_head 3, 5 and 6 are not powers of two); contexts all shorter than 1024
-@pytest.mark.parametrize('n_layer,n_head,n_embd,n_positions', [(2, 2, 32, 64), (3, 3, 48, 40), (1, 5, 40, 24),
-                                                               (2, 6, 36, 100)])
-def test_from_pretrained_matches_transformers(tmp_path, n_layer, n_head, n_embd, n_positions):
-    hf = tiny_hf(tmp_path, n_layer, n_head, n_embd, n_positions)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
-    assert (ours.config.block_size, ours.config.vocab_size, ours.config.n_head) == (n_positions, 97, n_head)
-    assert ours.lm_head.weight is ours.transformer.wte.weight
-    idx = torch.randint(0, 97, (2, n_positions))
-    with torch.no_grad():
-        expected = hf(idx).logits
-        got, _ = ours(idx, idx)
-    assert (got - expected).abs().max().item() <= 1e-5
-    # cropped to a shorter context, it still computes what transformers computes on that context
-    ours.crop_block_size(n_positions // 2)
-    with torch.no_grad():
-        got, _ = ours(idx[:, :n_positions // 2], idx[:, :n_positions // 2])
-        expected = hf(idx[:, :n_positions // 2]).logits
-    assert (got - expected).abs().max().item() <= 1e-5
-
-
-def test_from_pretrained_overrides(tmp_path):
-    tiny_hf(tmp_path)
-    model = GPT.from_pretrained(str(tmp_path), dict(dropout=0.2))
-    assert model.config.dropout == 0.2 and model.transformer.drop.p == 0.2
-    refused = 'only dropout can be overridden on a pretrained model, not bias, n_layer'
-    with pytest.raises(ValueError, match=refused):
-        GPT.from_pretrained(str(tmp_path), dict(n_layer=4, bias=False))
 
 
 @pytest.mark.parametrize('bias', [True, False])
