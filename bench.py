@@ -82,12 +82,14 @@ def batches(block_size):
         yield x.to(device), y.to(device)
 
 
-def plain(shape, accumulation):
+def plain(shape, accumulation, compiled=False):
     """nanoGPT's loop: autocast for 16-bit, AdamW, clipping, a loss.item() every step as the trainer
-    logs it."""
+    logs it; compiled: torch.compile's model, as nanoGPT's compile=True."""
     torch.manual_seed(0)
     model = GPT(shape).to(device)
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
+    if compiled:
+        model = torch.compile(model)
     if dtype == 'float32':
         ctx = torch.autocast(device, enabled=False)
     else:
@@ -168,7 +170,11 @@ with tempfile.TemporaryDirectory() as workdir:
     for label, shape in shapes.items():
         tokens = global_batch * shape.block_size
         fpt = flops_per_token(shape)
-        runs = [('plain PyTorch, 1 process', partial(plain, shape, global_batch // batch_size), 1)]
+        plain_accumulation = global_batch // batch_size
+        runs = [('plain PyTorch, 1 process', partial(plain, shape, plain_accumulation), 1)]
+        if on_gpu and 'compile' in levers.split(','):  # the reference for the trainer's compiled rows
+            compiled = partial(plain, shape, plain_accumulation, compiled=True)
+            runs.append(('plain PyTorch, 1 process, compile', compiled, 1))
         for ranks in map(int, worlds.split(',')):
             accumulation = global_batch // (batch_size * ranks)
             for stage in map(int, stages.split(',')):
