@@ -92,7 +92,9 @@ def build(config, weights_from, seed, zero3_config=None):
     source's tensors, or none (None: a checkpoint's come next). zero3_config: the run's DeepSpeed config,
     under ZeRO-3, to build the model partitioned (deepspeed.zero.Init, collective): each rank then holds its
     shard of every parameter from the start and writes only that shard."""
-    folder = local_folder(weights_from) if weights_from not in (None, 'scratch') else None  # downloads first
+    folder = None
+    if weights_from not in (None, 'scratch'):
+        folder = local_folder(weights_from)  # a download, if any, before anything is built
     construct = contextlib.nullcontext()
     if zero3_config:
         import deepspeed
@@ -104,7 +106,7 @@ def build(config, weights_from, seed, zero3_config=None):
             with torch.random.fork_rng(devices=[]):  # every rank draws alike, whatever it drew before
                 torch.manual_seed(seed)
                 model.init_weights(write=write_blocks)
-        elif weights_from:
+        elif folder:
             load_pretrained(model, folder)
     return model
 

@@ -116,7 +116,6 @@ with user_errors():  # time_bf16: on a CPU with bf16 kernels, fp32 until bf16 is
     device = use_device(accelerator, local_rank, on_gpu, gpu_mem_cap_gb)
 compile, compile_note = resolve_compile(compile, on_gpu, stage)  # auto: on with GPUs under ZeRO 0-2
 config.update(dtype=dtype, zero_stage=stage, compile=compile)
-torch.manual_seed(seed)  # the same on every rank: a scratch model starts identical everywhere
 
 # -----------------------------------------------------------------------------
 # data: random windows from a memmap; each rank draws from its own seeded generator
