@@ -213,3 +213,14 @@ def test_the_recommendation_names_the_shipped_json_that_runs_it(gpu_gib, advice)
     recommended = next(line for line in text.splitlines() if line.startswith('recommended'))
     assert advice in recommended
     assert recommended.count('--deepspeed_config') == advice.count('--deepspeed_config')
+
+
+def test_a_node_needs_its_ranks_times_what_each_builds():
+    """The dry run's host line: under ZeRO 0-2 each rank builds the whole model in fp32 on the host, under
+    ZeRO-3 (zero.Init) one tensor at a time; ranks beyond this host's RAM get a warning with the fixes."""
+    assert mp.start_host_bytes(N_XL, LARGEST_XL, 2) == 4 * N_XL
+    assert mp.start_host_bytes(N_XL, LARGEST_XL, 3) == 4 * LARGEST_XL
+    over = mp.host_memory_lines(5.8, 2, ranks_per_node=8, host_ram_gib=32.0, runtime_gib=0.3)
+    assert '8 rank(s) x 5.8 GiB = 46.4 GiB' in over[0] and 'this host has 32.0 GiB' in over[0]
+    assert over[1].startswith('warning:') and 'fewer ranks per node' in over[1] and 'ZeRO-3' in over[1]
+    assert len(mp.host_memory_lines(0.3, 3, ranks_per_node=8, host_ram_gib=32.0, runtime_gib=0.3)) == 1
