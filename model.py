@@ -138,7 +138,7 @@ class GPT(nn.Module):
             if p.is_meta:  # a model built to be counted (the dry run): nothing to draw into
                 continue
             shape = full_shape(p)
-            rows_per_block = max(1, INIT_BLOCK_ELEMENTS // (numel(p) // shape[0]))
+            rows_per_block = max(1, INIT_BLOCK_ELEMENTS // row_elements(p))
             block = functools.partial(self._init_block, name, shape, rows_per_block, (base_seed, index))
             if write:
                 write(p, block, rows_per_block)
@@ -243,6 +243,11 @@ def full_shape(p):
 def numel(p):
     """A parameter's number of elements, also when ZeRO-3 has partitioned it."""
     return getattr(p, 'ds_numel', p.numel())
+
+
+def row_elements(p):
+    """Elements in one row of a parameter (its first dimension's step; 1 for a vector), partitioned or not."""
+    return numel(p) // full_shape(p)[0]
 
 
 def num_params(config, non_embedding=False):

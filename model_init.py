@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from model import CONV1D_WEIGHTS, GPT, PRETRAINED_SHAPES, GPTConfig, full_shape, numel
+from model import CONV1D_WEIGHTS, GPT, PRETRAINED_SHAPES, GPTConfig, full_shape, row_elements
 
 # a pretrained tensor is copied in slices of at most this much: a safetensors file is memory-mapped, and the
 # pages a copy touches stay resident until the file is closed, so each slice opens it anew (a whole file open
@@ -142,7 +142,7 @@ def write_blocks(p, block, rows_per_block):
 def rows_kept(p):
     """[first, end): the rows of p's whole value (in its own layout) that this process keeps some of."""
     dest, start = shard(p)
-    per_row = numel(p) // full_shape(p)[0]
+    per_row = row_elements(p)
     return start // per_row, min(full_shape(p)[0], -(-(start + dest.numel()) // per_row))
 
 
@@ -161,8 +161,7 @@ def write_rows(p, rows, first_row):
     """Store rows [first_row, first_row + len(rows)) of p's whole value (in p's own layout) where this process
     keeps them: all of them in a whole parameter, the part in this rank's shard under ZeRO-3."""
     dest, start = shard(p)
-    per_row = numel(p) // full_shape(p)[0]
-    lo = first_row * per_row  # the flat elements these rows hold: [lo, lo + rows.numel())
+    lo = first_row * row_elements(p)  # the flat elements these rows hold: [lo, lo + rows.numel())
     a, b = max(lo, start), min(lo + rows.numel(), start + dest.numel())
     if a < b:
         with torch.no_grad():
@@ -239,7 +238,7 @@ def copy_rows(p, source, key, transposed, folder):
     if stored[1:] != wanted[1:] or stored[0] < wanted[0]:
         raise ValueError(f'{folder}: {key} has shape {stored}, config.json says {wanted}')
     first, end = rows_kept(p)
-    step = max(1, SLICE_BYTES // (4 * (numel(p) // shape[0])))
+    step = max(1, SLICE_BYTES // (4 * row_elements(p)))
     for r0 in range(first, end, step):
         r1 = min(end, r0 + step)
         if isinstance(source, torch.Tensor):
