@@ -4,8 +4,10 @@ trainer on the DeepSpeed engine with ZeRO 0, 2 and 3, on 1 and 2 ranks, side by 
 $ python bench.py                                  # CPU: a small GPT; 2 CPU ranks share this machine's cores
 $ python bench.py --n_layer=12 --n_embd=768 --block_size=1024 --dtype=bfloat16 --json=bench.json
 $ python bench.py --gpu_shapes=True                # GPUs: also the gpt2 (124M) and gpt2-xl shapes, block 1024
-Rows: name, tokens_per_s (global), mfu, ratio_vs_plain, run_s, first_iter_s. The DeepSpeed rows are
-train_deepspeed.py itself, launched by the deepspeed launcher, timed from its own metrics.jsonl. The levers
+$ python bench.py --nanogpt=../nanoGPT             # also nanoGPT's own train.py, from a checkout of it
+Rows: name, tokens_per_s (global), mfu, ratio_vs_plain, ratio_vs_nanogpt (with --nanogpt), run_s,
+first_iter_s. The DeepSpeed rows are train_deepspeed.py itself, launched by the deepspeed launcher, timed from
+its own metrics.jsonl; the nanoGPT row is its train.py, from its own log lines. The levers
 (no phase timers: what time_phases costs; gradient checkpointing, compile, optimizer offload) each run beside
 the ZeRO-2 1-rank row they change. run_s is a row's whole launch, start to exit, and
 first_iter_s its first iteration, both from its first round, which compiles from an empty inductor cache: the
@@ -13,6 +15,8 @@ compile row's run_s less the plain ZeRO-2 row's is what compiling costs a first 
 """
 import json as jsonlib  # the name json is the --json option below
 import os
+import pickle
+import re
 import shutil
 import statistics
 import subprocess
@@ -35,6 +39,8 @@ LEVERS = {  # name -> (its row's suffix, the trainer's arguments for it)
     'compile': ('compile', ('--compile=True',)),
     'offload': ('optimizer offload', ('--deepspeed_config=ds_config_zero2_offload.json',)),
 }
+NANOGPT_FILES = ('train.py', 'model.py', 'configurator.py')  # what the nanoGPT row runs from a checkout
+NANOGPT_ITER_LINE = re.compile(r'^iter (\d+): loss \S+, time ([\d.]+)ms', re.MULTILINE)
 # -----------------------------------------------------------------------------
 n_layer, n_head, n_embd, block_size = 4, 4, 256, 128
 batch_size = 8  # micro batch per rank
@@ -46,11 +52,12 @@ iters = 20  # timed optimizer steps per row, after warmup_iters untimed ones
 warmup_iters = 3
 # rounds over all rows, interleaved; each row keeps its best round (a shared machine's noise only slows)
 repeats = 2
-stages = '0,2,3'
+stages = '0,2,3'  # '' for no DeepSpeed rows
 worlds = '1,2'  # rank counts for the DeepSpeed rows (GPUs, or CPU processes sharing the cores)
 gpu_shapes = False  # also gpt2 and gpt2-xl at block 1024 (a GPU with the memory for them)
 levers = 'no_phase_timers,gradient_checkpointing,compile,offload'  # each a row beside ZeRO-2 on 1 rank
 json = ''  # a file to write the rows to, as JSON
+nanogpt = ''  # a checkout of nanoGPT (its train.py, model.py, configurator.py): a row of its own train.py
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -61,10 +68,17 @@ if unknown:
     die(f"levers: unknown {', '.join(unknown)}; use some of {','.join(LEVERS)} (or '' for none)")
 if global_batch % batch_size:
     die(f'global_batch={global_batch} is not a multiple of batch_size={batch_size}')
-for ranks in map(int, worlds.split(',')):
+stage_list = [int(stage) for stage in stages.split(',') if stage]
+world_list = [int(ranks) for ranks in worlds.split(',') if ranks]
+for ranks in world_list:
     if global_batch % (batch_size * ranks):
         die(f'global_batch={global_batch} does not split into micro batches of {batch_size} '
             f'over {ranks} ranks')
+if nanogpt:
+    missing = [name for name in NANOGPT_FILES if not os.path.isfile(os.path.join(nanogpt, name))]
+    if missing:
+        die(f"--nanogpt={nanogpt}: no {', '.join(missing)} there; name a checkout of nanoGPT "
+            f"(docs/performance.md#against-nanogpt says how to get one)")
 HERE = os.path.dirname(os.path.abspath(__file__))
 on_gpu = torch.cuda.is_available()
 device = 'cuda' if on_gpu else 'cpu'
@@ -109,6 +123,40 @@ def plain(shape, accumulation, compiled=False):
         loss.item()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[warmup_iters:])
+
+
+def nanogpt_run(shape, accumulation, workdir, vocab_size):
+    """nanoGPT's own train.py on this shape, micro batch, accumulation, data and dtype, eager as the plain
+    loop: the median of its logged per-iter times after warmup. nanoGPT reads configurator.py and
+    data/<dataset>/ from its working directory, so it runs in a folder of links to the checkout's files and
+    this dataset's .bin files, with a meta.pkl that gives it the bench's vocabulary: the checkout is only
+    read, and nothing of it is copied here."""
+    run_dir = os.path.join(workdir, 'nanogpt')
+    data_dir = os.path.join(run_dir, 'data', 'bench')
+    if not os.path.isdir(data_dir):
+        os.makedirs(data_dir)
+        for name in NANOGPT_FILES:
+            os.symlink(os.path.abspath(os.path.join(nanogpt, name)), os.path.join(run_dir, name))
+        for split in ('train', 'val'):
+            source = os.path.join(data_sources.folder(dataset), f'{split}.bin')
+            os.symlink(os.path.abspath(source), os.path.join(data_dir, f'{split}.bin'))
+        with open(os.path.join(data_dir, 'meta.pkl'), 'wb') as f:
+            pickle.dump({'vocab_size': vocab_size}, f)
+    cmd = [sys.executable, 'train.py', f'--device={device}', f'--dtype={dtype}', '--compile=False',
+           '--dataset=bench', f'--n_layer={shape.n_layer}', f'--n_head={shape.n_head}',
+           f'--n_embd={shape.n_embd}', f'--block_size={shape.block_size}', f'--bias={shape.bias}',
+           f'--dropout={shape.dropout}', f'--batch_size={batch_size}',
+           f'--gradient_accumulation_steps={accumulation}', f'--max_iters={warmup_iters + iters}',
+           f'--eval_interval={10 ** 9}', '--eval_iters=1', '--log_interval=1',
+           '--always_save_checkpoint=False', f'--out_dir={os.path.join(run_dir, "out")}']
+    proc = subprocess.run(cmd, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    times = {int(it): float(ms) / 1e3 for it, ms in NANOGPT_ITER_LINE.findall(proc.stdout)}
+    timed = [times[it] for it in range(warmup_iters, warmup_iters + iters) if it in times]
+    if proc.returncode != 0 or len(timed) < iters:
+        shutil.rmtree(workdir, ignore_errors=True)
+        command = ' '.join(cmd)
+        die(f'nanoGPT ({nanogpt}) did not run as expected: {command}\n{proc.stdout[-3000:]}')
+    return statistics.median(timed)
 
 
 first_round = {}  # row name -> (run_s, first_iter_s) of its first round
@@ -165,6 +213,7 @@ else:  # per rank, with the threads a rank gets; the plain loop's MFU uses the w
     peak = max(matmul_flops(dtype, *gemm, seconds=0.15) for gemm in gemms)
     peak_note = "the model's matmuls timed here"
 
+NANOGPT_ROW = "nanoGPT's train.py, 1 process"
 rows = []
 with tempfile.TemporaryDirectory() as workdir:
     for label, shape in shapes.items():
@@ -172,12 +221,15 @@ with tempfile.TemporaryDirectory() as workdir:
         fpt = flops_per_token(shape)
         plain_accumulation = global_batch // batch_size
         runs = [('plain PyTorch, 1 process', partial(plain, shape, plain_accumulation), 1)]
+        if nanogpt:
+            measure = partial(nanogpt_run, shape, plain_accumulation, workdir, vocab_size)
+            runs.append((NANOGPT_ROW, measure, 1))
         if on_gpu and 'compile' in levers.split(','):  # the reference for the trainer's compiled rows
             compiled = partial(plain, shape, plain_accumulation, compiled=True)
             runs.append(('plain PyTorch, 1 process, compile', compiled, 1))
-        for ranks in map(int, worlds.split(',')):
+        for ranks in world_list:
             accumulation = global_batch // (batch_size * ranks)
-            for stage in map(int, stages.split(',')):
+            for stage in stage_list:
                 plural = 's' if ranks > 1 else ''
                 name = f'DeepSpeed ZeRO-{stage}, {ranks} rank{plural}'
                 measure = partial(deepspeed_run, shape, stage, ranks, accumulation, workdir, name)
@@ -200,13 +252,17 @@ with tempfile.TemporaryDirectory() as workdir:
             row = dict(name=f'{label}: {name}' if len(shapes) > 1 else name, tokens_per_s=tps,
                        mfu=fpt * tps / (devices * peak) if peak else None, ratio_vs_plain=tps / best[0],
                        run_s=None, first_iter_s=None)
+            versus = ''
+            if nanogpt:  # the reference a user compares with: the same loop in nanoGPT's own code
+                row['ratio_vs_nanogpt'] = tps / best[1]
+                versus = f"  {row['ratio_vs_nanogpt']:.3f}x nanoGPT"
             first = ''
             if name in first_round:
                 row['run_s'], row['first_iter_s'] = first_round[name]
                 first = f"  run {row['run_s']:.0f} s, first iter {row['first_iter_s']:.1f} s"
             rows.append(row)
             print(f"{row['name']:<58} {tps:>12,.0f} tok/s  MFU {row['mfu'] or 0:6.1%}  "
-                  f"{row['ratio_vs_plain']:.3f}x plain{first}", flush=True)
+                  f"{row['ratio_vs_plain']:.3f}x plain{versus}{first}", flush=True)
         first_round.clear()  # the next shape's rows have the same names
 
 
