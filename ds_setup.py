@@ -5,6 +5,7 @@ computes well, starting the process group with two fixes for DeepSpeed's CPU bac
 stops on a user error.
 """
 import contextlib
+import ctypes
 import faulthandler
 import json
 import os
@@ -25,6 +26,8 @@ from perf import matmul_flops
 BF16_PAYS_FROM = 1.5
 # how long a rank other than 0 that found a problem every rank finds waits for rank 0 to say it
 RANK0_SAYS_IT_S = 20
+# mallopt's parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # how long a rank waits for the others at start: nodes started one by one, weights downloaded, ops built (the
 # loop then waits dist_timeout_s: preemption.stop_on_a_lost_rank)
 START_TIMEOUT_S = 600
@@ -272,6 +275,21 @@ def share_cpu_cores():
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
+def set_malloc(mmap_threshold_b, trim_threshold_b=None):
+    """glibc malloc's two thresholds: a block of mmap_threshold_b bytes or more gets a mapping of its own,
+    returned to the system when freed, and free memory beyond trim_threshold_b at the heap's top is returned
+    (None: left as it is). Setting either turns off glibc's own adjustment, which ends at 32 MiB and 64 MiB.
+    Nothing where malloc is not glibc's."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold_b)
+    if trim_threshold_b is not None:
+        libc.mallopt(M_TRIM_THRESHOLD, trim_threshold_b)
+
+
 def init_distributed(backend, on_gpu, settings):
     """deepspeed.init_distributed, and (rank, world size). ValueError when the ranks do not all start within
     START_TIMEOUT_S, or when one was started with other settings than rank 0 (nodes launched one by one)."""
@@ -317,6 +335,12 @@ def start_engine(model, optimizer, ds_config, stage, dtype, device):
     precision is the engine (DeepSpeed refuses ZeRO-1/2 without an optimizer, and its bf16 path makes an fp32
     copy of every weight for one)."""
     import deepspeed
+    if device == 'cpu':
+        # each step frees its activations and allocates them again: glibc gave the heap's free top back to
+        # the system (above 64 MiB), and every step faulted those pages in anew, 10-50 thousand a step on
+        # bench.py's shape. Kept, the process stays at a step's peak, which the next step needs anyway: 1.5%
+        # faster there (docs/performance.md#against-nanogpt). A GPU's activations are not in this heap
+        set_malloc(32 * 2**20, 2**31 - 1)
     if optimizer is None and stage < 3:
         return model.to(device, getattr(torch, dtype)), None
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

@@ -7,20 +7,18 @@ shard from the start (deepspeed.zero.Init), never the whole model: rank 0 writes
 that one parameter. docs/performance.md#start-up-memory has the measurements.
 """
 import contextlib
-import ctypes
 import json
 import os
 
 import torch
 
+from ds_setup import set_malloc
 from model import CONV1D_WEIGHTS, GPT, PRETRAINED_SHAPES, GPTConfig, full_shape, row_elements
 
 # a pretrained tensor is copied in slices of at most this much: a safetensors file is memory-mapped, and the
 # pages a copy touches stay resident until the file is closed, so each slice opens it anew (a whole file open
 # through the load was resident in full: 2x the model's bytes at its end)
 SLICE_BYTES = 64 * 2**20
-# mallopt's parameters (glibc's malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # what a start from the hub downloads: the config and the safetensors weights (GPT-2's repositories also hold
 # PyTorch, TF, Flax and ONNX copies)
 HUB_FILES = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors']
@@ -116,20 +114,13 @@ def large_blocks_returned():
     """Inside, glibc's malloc gives every block of 1 MiB or more a mapping of its own, returned to the system
     when it is freed. A build makes a whole tensor, keeps a part and frees the rest, tensor after tensor: in
     the heap those holes stayed resident (60-200 MiB beyond a gpt2-medium shard per rank, differing run to
-    run). After, the threshold stays where glibc's own adjustment ends up (32 MiB), so the training loop
-    reuses freed memory as before. Nothing where malloc is not glibc's."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    except (OSError, AttributeError):
-        yield
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+    run). After, the thresholds are where glibc's own adjustment ends up (32 MiB, and twice that for the
+    heap's top), so what comes next reuses freed memory as before."""
+    set_malloc(2**20)
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)  # as glibc's adjustment sets it: twice the threshold
+        set_malloc(32 * 2**20, 64 * 2**20)
 
 
 def write_blocks(p, block, rows_per_block):
