@@ -337,9 +337,10 @@ def start_engine(model, optimizer, ds_config, stage, dtype, device):
     import deepspeed
     if device == 'cpu':
         # each step frees its activations and allocates them again: glibc gave the heap's free top back to
-        # the system (above 64 MiB), and every step faulted those pages in anew, 10-50 thousand a step on
-        # bench.py's shape. Kept, the process stays at a step's peak, which the next step needs anyway: 1.5%
-        # faster there (docs/performance.md#against-nanogpt). A GPU's activations are not in this heap
+        # the system (above 64 MiB) and the next step faulted the same pages in anew, 16,600 a step on issue
+        # 23's shape, 19 now. Kept, a rank stays at a step's peak, which the next step needs anyway (its peak
+        # was no higher). On a 2-core AVX2 EPYC the time moved within noise (docs/performance.md, "Against
+        # nanoGPT"): the faults are kernel work a faster CPU feels more. A GPU's activations are elsewhere
         set_malloc(32 * 2**20, 2**31 - 1)
     if optimizer is None and stage < 3:
         return model.to(device, getattr(torch, dtype)), None
