@@ -40,6 +40,7 @@ LEVERS = {  # name -> (its row's suffix, the trainer's arguments for it)
     'offload': ('optimizer offload', ('--deepspeed_config=ds_config_zero2_offload.json',)),
 }
 NANOGPT_FILES = ('train.py', 'model.py', 'configurator.py')  # what the nanoGPT row runs from a checkout
+NANOGPT_ROW = "nanoGPT's train.py, 1 process"
 NANOGPT_ITER_LINE = re.compile(r'^iter (\d+): loss \S+, time ([\d.]+)ms', re.MULTILINE)
 # -----------------------------------------------------------------------------
 n_layer, n_head, n_embd, block_size = 4, 4, 256, 128
@@ -125,11 +126,11 @@ def plain(shape, accumulation, compiled=False):
     return statistics.median(times[warmup_iters:])
 
 
-def nanogpt_run(shape, accumulation, workdir, vocab_size):
+def nanogpt_run(shape, accumulation, workdir):
     """nanoGPT's own train.py on this shape, micro batch, accumulation, data and dtype, eager as the plain
     loop: the median of its logged per-iter times after warmup. nanoGPT reads configurator.py and
     data/<dataset>/ from its working directory, so it runs in a folder of links to the checkout's files and
-    this dataset's .bin files, with a meta.pkl that gives it the bench's vocabulary: the checkout is only
+    this dataset's .bin files, with a meta.pkl that gives it the shape's vocabulary: the checkout is only
     read, and nothing of it is copied here."""
     run_dir = os.path.join(workdir, 'nanogpt')
     data_dir = os.path.join(run_dir, 'data', 'bench')
@@ -140,8 +141,8 @@ def nanogpt_run(shape, accumulation, workdir, vocab_size):
         for split in ('train', 'val'):
             source = os.path.join(data_sources.folder(dataset), f'{split}.bin')
             os.symlink(os.path.abspath(source), os.path.join(data_dir, f'{split}.bin'))
-        with open(os.path.join(data_dir, 'meta.pkl'), 'wb') as f:
-            pickle.dump({'vocab_size': vocab_size}, f)
+    with open(os.path.join(data_dir, 'meta.pkl'), 'wb') as f:  # the shapes differ in it (gpu_shapes)
+        pickle.dump({'vocab_size': shape.vocab_size}, f)
     cmd = [sys.executable, 'train.py', f'--device={device}', f'--dtype={dtype}', '--compile=False',
            '--dataset=bench', f'--n_layer={shape.n_layer}', f'--n_head={shape.n_head}',
            f'--n_embd={shape.n_embd}', f'--block_size={shape.block_size}', f'--bias={shape.bias}',
@@ -213,7 +214,6 @@ else:  # per rank, with the threads a rank gets; the plain loop's MFU uses the w
     peak = max(matmul_flops(dtype, *gemm, seconds=0.15) for gemm in gemms)
     peak_note = "the model's matmuls timed here"
 
-NANOGPT_ROW = "nanoGPT's train.py, 1 process"
 rows = []
 with tempfile.TemporaryDirectory() as workdir:
     for label, shape in shapes.items():
@@ -222,7 +222,7 @@ with tempfile.TemporaryDirectory() as workdir:
         plain_accumulation = global_batch // batch_size
         runs = [('plain PyTorch, 1 process', partial(plain, shape, plain_accumulation), 1)]
         if nanogpt:
-            measure = partial(nanogpt_run, shape, plain_accumulation, workdir, vocab_size)
+            measure = partial(nanogpt_run, shape, plain_accumulation, workdir)
             runs.append((NANOGPT_ROW, measure, 1))
         if on_gpu and 'compile' in levers.split(','):  # the reference for the trainer's compiled rows
             compiled = partial(plain, shape, plain_accumulation, compiled=True)
