@@ -1,8 +1,8 @@
 """
-DeepSpeed set-up that the trainer needs but a reader of its loop does not: the process's environment and its
-share of the cores, resolving the JSON config against the script's constants, the precision this device
-computes well, starting the process group with two fixes for DeepSpeed's CPU backend, and the one way a run
-stops on a user error.
+DeepSpeed set-up that the trainer needs but a reader of its loop does not: the process's environment, its
+share of the cores and its heap, resolving the JSON config against the script's constants, the precision this
+device computes well, starting the process group with two fixes for DeepSpeed's CPU backend, and the one way a
+run stops on a user error.
 """
 import contextlib
 import ctypes
