@@ -268,11 +268,16 @@ def prepare_process():
 def share_cpu_cores():
     """Each CPU rank on this host takes its share of the cores as threads, unless OMP_NUM_THREADS says. Two
     ranks of two threads on two cores spin in each other's OpenMP barriers: matmuls at 1% of their speed, now
-    and then. DeepSpeed's launch.py says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE."""
+    and then."""
     if 'OMP_NUM_THREADS' in os.environ:
         return
-    ranks_here = int(os.environ.get('LOCAL_SIZE') or os.environ.get('LOCAL_WORLD_SIZE') or 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_this_host(1)))
+
+
+def ranks_on_this_host(default):
+    """The ranks its launcher started on this host: DeepSpeed's launch.py says LOCAL_SIZE, torchrun
+    LOCAL_WORLD_SIZE; default where neither launched this process."""
+    return int(os.environ.get('LOCAL_SIZE') or os.environ.get('LOCAL_WORLD_SIZE') or default)
 
 
 def set_malloc(mmap_threshold_b, trim_threshold_b=None):

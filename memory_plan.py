@@ -8,7 +8,6 @@ it. Three parts, added as if they peaked together, which they nearly do at the s
 Not counted, so leave a margin: the CUDA context and NCCL's workspaces (some hundreds of MB,
 driver-dependent), the caching allocator's fragmentation, and the token ids (about 16 bytes a token).
 """
-import os
 
 import psutil
 import torch
@@ -16,7 +15,7 @@ from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from ds_setup import bf16_speedup, choose_dtype, die, offload_of
+from ds_setup import bf16_speedup, choose_dtype, die, offload_of, ranks_on_this_host
 from model import GPT, GPTConfig, num_params
 from model_init import is_pretrained_source, pretrained_config
 from perf import memory_mb
@@ -333,7 +332,7 @@ def dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, d
     # a plan for GPUs elsewhere puts them on one node; a launched dry run has its launcher's count
     ranks_per_node = world_size
     if not plan_gpus:
-        ranks_per_node = int(os.environ.get('LOCAL_SIZE') or os.environ.get('LOCAL_WORLD_SIZE') or world_size)
+        ranks_per_node = ranks_on_this_host(world_size)
     host = dict(ranks_per_node=ranks_per_node, host_ram_gib=psutil.virtual_memory().total / GIB,
                 runtime_gib=runtime_gib)
     own_ranks_runtime_gib = runtime_gib if planning_own_cpu_ranks else None
