@@ -64,13 +64,17 @@ def write_hf_gpt2_tokenizer(folder, model_max_length):
 
 
 def load_codec(meta_path=None):
-    """(encode, decode) for a dataset: its character vocabulary when meta.pkl exists, else GPT-2 BPE. A
-    vocabulary from data/prepare.py has a separator id (meta['separator']) that EOT_TEXT encodes to as one id,
-    as GPT-2's BPE encodes it, and that decodes to EOT_TEXT."""
+    """(encode, decode) for a dataset: its character vocabulary when meta_path (data_sources.vocabulary_file)
+    names one, else GPT-2 BPE; ValueError when that file is no vocabulary. A vocabulary from data/prepare.py
+    has a separator id (meta['separator']) that EOT_TEXT encodes to as one id, as GPT-2's BPE encodes it, and
+    that decodes to EOT_TEXT."""
     meta = read_meta(meta_path or '')
+    if meta and 'itos' not in meta:
+        raise ValueError(f'{meta_path} gives a vocab_size but no characters (itos, stoi) to encode and '
+                         'decode with: prepare the dataset with data/prepare.py --tokenizer char')
     if meta:
         stoi, itos = meta['stoi'], meta['itos']
-        separator = meta.get('separator')  # nanoGPT's meta.pkl has none
+        separator = meta.get('separator')  # nanoGPT's vocabularies have none
 
         def encode(s):
             pieces = [s]

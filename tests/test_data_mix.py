@@ -1,11 +1,10 @@
 """A dataset mix, --dataset={name or folder: weight, ...}: data_sources.resolve turns the weights into shares
 that sum to 1, and the trainer's get_batch draws each training window from a dataset with the probability of
 its share. The datasets must speak one vocabulary: a mix of a character-level dataset with another whose
-meta.pkl maps the characters differently, or with one that has no meta.pkl (GPT-2 BPE), is refused with a
+vocabulary maps the characters differently, or with one that has none (GPT-2 BPE), is refused with a
 ValueError that says the tokenizers differ. The mix itself is the mix fixture (conftest.py): Shakespeare's
 characters 3:1 with the same characters backwards."""
 import os
-import pickle
 import shutil
 
 import numpy as np
@@ -32,13 +31,14 @@ def test_mix_draws_by_weight_and_needs_one_vocabulary(tmp_path, mix):
     other.mkdir()
     for split in ('train', 'val'):
         shutil.copy(os.path.join(CHAR, f'{split}.bin'), other)
-    meta = pickle.load(open(os.path.join(CHAR, 'meta.pkl'), 'rb'))
-    meta['stoi'] = {k: (v + 1) % meta['vocab_size'] for k, v in meta['stoi'].items()}
-    pickle.dump(meta, open(other / 'meta.pkl', 'wb'))
+    meta = data_sources.read_meta(data_sources.vocabulary_file(CHAR))
+    shifted = {(i + 1) % meta['vocab_size']: c for i, c in meta['itos'].items()}  # the same symbols, new ids
+    data_sources.write_meta(other, dict(meta, itos=shifted, stoi={c: i for i, c in shifted.items()},
+                                        separator=(meta['separator'] + 1) % meta['vocab_size']))
     with pytest.raises(ValueError, match='use different tokenizers'):
         data_sources.resolve({'shakespeare_char': 1, str(other): 1}, 32)
-    os.remove(other / 'meta.pkl')  # no meta.pkl: GPT-2 BPE
-    with pytest.raises(ValueError, match=r'meta.pkl with 85 symbols vs GPT-2 BPE'):
+    os.remove(other / data_sources.VOCABULARY)  # no vocabulary: GPT-2 BPE
+    with pytest.raises(ValueError, match=r'a vocabulary of 85 symbols vs GPT-2 BPE'):
         data_sources.resolve({str(other): 1, 'shakespeare_char': 1}, 32)
 
 
