@@ -32,47 +32,29 @@ for the whole text (EXACT_CUT). A gzip file is one unit however big (it cannot b
 tokenizes it: give a big corpus as several .gz files.
 """
 import argparse
-import codecs
 import functools
-import glob
-import gzip
-import hashlib
 import json
 import multiprocessing
 import os
 import pickle
-import re
 import shutil
 import sys
 import time
-import zlib
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(1, os.path.join(REPO, 'data'))  # its helpers beside it, also when not run as a script (tests)
+from corpus_reading import SPLITS, Report, find_sources, plan_units, read_unit, span_bytes  # noqa: E402
 from data_sources import folder  # noqa: E402
+from dataset_joining import Skipped, balance, concatenate, keep_units, split_tail, unit_file  # noqa: E402
 from tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_encoding  # noqa: E402
 
-SPLITS = ('train', 'val')
 OUTPUTS = ('train.bin', 'val.bin', 'meta.pkl', 'prepare.json')  # what a dataset folder gets from here
-# The work is cut into units of about this much input, whatever --num_proc is, so the output is too: small
-# files are packed together, a bigger one is cut at line ends (a gzip file, which cannot be cut, is one unit).
-UNIT_BYTES = 4 << 20
-CHUNK_BYTES = 1 << 20  # read and tokenized at a time: memory stays bounded whatever the size of a file
-MAX_BUFFER_BYTES = 4 << 20  # text carried over while looking for a cut that BPE cannot tell from no cut
-HEAD_BYTES = 8192  # a NUL byte in this many first bytes makes a file binary
 FLUSH_TOKENS = 1 << 20  # tokens a unit buffers before writing them out
-MAX_PLACES = 3  # places listed per reason a document was skipped
-# Where a text can be cut and tokenized in two pieces with the same GPT-2 tokens as in one: after a line end
-# that has a printable ASCII character on each side. GPT-2's pre-tokenizer always splits there (a piece never
-# runs from a line end into a non-space), and the whitespace piece is the '\n' alone either way. A cut
-# elsewhere (next to more whitespace, as before an indented line) can merge '\n' with the spaces after it in
-# one text and not in two.
-EXACT_CUT = re.compile(rb'[\x21-\x7e]\n(?=[\x21-\x7e])')
 
 
 class Arguments(argparse.ArgumentParser):
@@ -97,114 +79,6 @@ def parse_args(argv):
     if args.num_proc < 1:
         raise ValueError(f'--num_proc {args.num_proc}: give 1 or more processes')
     return args
-
-
-@dataclass
-class Source:
-    path: str  # as named (a folder's files under the folder as named): also what the split hashes
-    size: int
-    jsonl: bool
-    gz: bool
-
-
-@dataclass
-class Unit:
-    spans: list  # (source index, start, end) byte ranges; end None: to the end (gzip)
-    part_of: int = None  # a plain-text file cut into several units (one document): its source index
-
-
-def find_sources(inputs, leave_out):
-    """The files the inputs name, in the order named (folders and globs sorted), each once; none for which
-    leave_out(real path) is true."""
-    found, seen = [], set()
-    for name in inputs:
-        has_pattern = any(c in name for c in '*?[') and not os.path.exists(name)
-        matches = sorted(glob.glob(name, recursive=True)) if has_pattern else [name]
-        if has_pattern and not matches:
-            raise ValueError(f'{name} matches no file: check the pattern (and quote it, for the shell)')
-        if not has_pattern and not os.path.exists(name):
-            raise ValueError(f'{name}: no such file or folder')
-        files = []
-        for match in matches:
-            files.extend(walk(match) if os.path.isdir(match) else [match])
-        files = [f for f in files if not leave_out(os.path.realpath(f))]
-        if not files:
-            raise ValueError(f'{name} holds no files to read')
-        for path in files:
-            real = os.path.realpath(path)
-            if real in seen:
-                continue
-            seen.add(real)
-            lower = path.lower()
-            found.append(Source(os.path.normpath(path), os.path.getsize(path),
-                                jsonl=lower.endswith(('.jsonl', '.jsonl.gz')), gz=lower.endswith('.gz')))
-    return found
-
-
-def walk(top):
-    files = []
-    for where, dirs, names in os.walk(top, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        files.extend(os.path.join(where, n) for n in sorted(names) if not n.startswith('.'))
-    return files
-
-
-def plan_units(sources):
-    """Units of about UNIT_BYTES from the file list alone: small files packed in order, a big file cut into
-    units of its own at line ends (a gzip file, which cannot be cut, is one)."""
-    units, pack, pack_bytes = [], [], 0
-    for index, source in enumerate(sources):
-        if source.size < UNIT_BYTES:
-            pack.append((index, 0, None if source.gz else source.size))  # gzip: its size is not the text's
-            pack_bytes += source.size
-            if pack_bytes >= UNIT_BYTES:
-                units.append(Unit(pack))
-                pack, pack_bytes = [], 0
-            continue
-        if pack:
-            units.append(Unit(pack))
-            pack, pack_bytes = [], 0
-        if source.gz:
-            units.append(Unit([(index, 0, None)]))
-            continue
-        cuts = cut_points(source)
-        ends = cuts[1:] + [source.size]
-        cut_into_parts = len(cuts) > 1 and not source.jsonl  # one document in several units
-        for start, end in zip(cuts, ends):
-            units.append(Unit([(index, start, end)], part_of=index if cut_into_parts else None))
-    if pack:
-        units.append(Unit(pack))
-    return units
-
-
-def cut_points(source):
-    """Starts of a big uncompressed file's units: 0, then every UNIT_BYTES the first line end after, found in
-    a window of CHUNK_BYTES (for text, one that BPE does not see, EXACT_CUT, where the window has one)."""
-    cuts = [0]
-    with open(source.path, 'rb') as f:
-        for target in range(UNIT_BYTES, source.size, UNIT_BYTES):
-            if target <= cuts[-1]:
-                continue
-            f.seek(target - 1)
-            window = f.read(CHUNK_BYTES + 1)
-            exact = None if source.jsonl else EXACT_CUT.search(window)
-            newline = window.find(b'\n', 1)
-            if exact:
-                cut = target - 1 + exact.end()
-            elif newline >= 0:
-                cut = target + newline
-            else:
-                continue  # no line end near: this unit goes on to the next target
-            if cut < source.size:
-                cuts.append(cut)
-    return cuts
-
-
-def split_of(seed, path, offset, val_fraction):
-    """('train' or 'val', the hash): a document's split from (seed, its file, where it starts) alone."""
-    digest = hashlib.blake2b(f'{seed}\0{path}\0{offset}'.encode('utf-8', 'surrogateescape'), digest_size=8)
-    value = int.from_bytes(digest.digest(), 'big')
-    return ('val' if value < val_fraction * 2 ** 64 else 'train'), value
 
 
 @dataclass
@@ -240,27 +114,6 @@ def encode(text):
         return np.asarray(bpe().encode_ordinary(text), dtype=np.uint16)
     code_points = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
     return WORK.char_ids[code_points]
-
-
-@dataclass
-class Report:
-    """What a unit tells the parent: counts, the skipped, and the document each split can best give away."""
-    index: int
-    input_bytes: int = 0
-    newlines: int = 0  # in a unit of one span: to number the lines of the units after it in the same file
-    has_text: bool = False  # anything but whitespace (a part of a document cut into units)
-    skipped: Counter = field(default_factory=Counter)
-    places: list = field(default_factory=list)  # (reason, source index, line in the span or None)
-    documents: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    tokens: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    lowest_train: tuple = None  # (hash, first token, end token) of the train document nearest to val
-    highest_val: tuple = None  # and the other way round
-    chars: set = field(default_factory=set)
-
-    def skip(self, reason, source_index, line=None):
-        self.skipped[reason] += 1
-        if self.skipped[reason] <= MAX_PLACES:
-            self.places.append((reason, source_index, line))
 
 
 class Tokens:
@@ -356,155 +209,13 @@ class Characters:
         pass
 
 
-def unit_file(folder, index, split):
-    return os.path.join(folder, f'{index:07d}.{split}')
-
-
 def run_unit(index):
     """Reads and tokenizes one unit (in a worker process); its Report."""
     report = Report(index)
     sink = Characters(report) if WORK.count_chars else Tokens(report)
-    for source_index, start, end in WORK.units[index].spans:
-        source = WORK.sources[source_index]
-        report.input_bytes += span_bytes(source, start, end)
-        try:
-            if source.size == 0:
-                report.skip('empty', source_index)
-            elif is_binary(source):
-                report.skip('binary (NUL bytes)', source_index)
-            elif source.jsonl:
-                read_jsonl(source_index, start, end, sink, report)
-            else:
-                read_text(source_index, start, end, sink, report)
-        except (OSError, EOFError, zlib.error) as e:  # unreadable, or a broken gzip stream
-            sink.drop()
-            report.skip(f'unreadable ({type(e).__name__})', source_index)
+    read_unit(WORK, report, sink)
     sink.close()
     return report
-
-
-def span_bytes(source, start, end):
-    return (source.size if end is None else end) - start
-
-
-def open_input(source):
-    return gzip.open(source.path, 'rb') if source.gz else open(source.path, 'rb')
-
-
-def is_binary(source):
-    with open_input(source) as f:
-        return b'\0' in f.read(HEAD_BYTES)
-
-
-def has_text(text):
-    return bool(text) and not text.isspace()
-
-
-def read_jsonl(source_index, start, end, sink, report):
-    """One document a line: the string in the line's text field. A line that fails is skipped alone; a blank
-    line is no document."""
-    source = WORK.sources[source_index]
-    with open_input(source) as f:
-        f.seek(start)
-        offset, line, used = start, 0, 0  # used: lines that were documents or were skipped
-        for raw in f:  # a line at a time: memory holds one document
-            line += 1
-            report.newlines += 1
-            line_offset = offset
-            offset += len(raw)
-            if raw.strip():
-                used += 1
-                text, unusable = jsonl_text(raw, WORK.text_field)
-                if unusable:
-                    report.skip(unusable, source_index, line)
-                else:
-                    split, doc_hash = split_of(WORK.seed, source.path, line_offset, WORK.val_fraction)
-                    sink.begin(split, doc_hash)
-                    sink.write(text)
-                    sink.end()
-            if end is not None and offset >= end:
-                break
-    whole_file = start == 0 and end in (None, source.size)
-    if whole_file and used == 0:  # blank lines only
-        report.skip('empty', source_index)
-
-
-def jsonl_text(raw, text_field):
-    """(the document of a JSON Lines line, None), or (None, why it cannot be used)."""
-    try:
-        record = json.loads(raw.decode('utf-8'))
-    except UnicodeDecodeError:
-        return None, 'not UTF-8'
-    except ValueError:
-        return None, 'not JSON'
-    if not isinstance(record, dict) or text_field not in record:
-        return None, f'no "{text_field}" field'
-    text = record[text_field]
-    if not isinstance(text, str):
-        return None, f'"{text_field}" not a string'
-    if not has_text(text):
-        return None, 'empty'
-    return text, None
-
-
-def read_text(source_index, start, end, sink, report):
-    """A plain-text document (or a unit's part of one), read and tokenized about CHUNK_BYTES at a time. A
-    chunk ends at an EXACT_CUT line end, so GPT-2's tokens are those of the whole text; only a text without
-    one for MAX_BUFFER_BYTES is cut at another line end (or anywhere, without a line end), where its tokens
-    may differ from those of one pass over the whole text. The document is dropped if any of it is not
-    UTF-8, or all of it is whitespace."""
-    source = WORK.sources[source_index]
-    is_part = WORK.units[report.index].part_of is not None
-    split, doc_hash = split_of(WORK.seed, source.path, 0, WORK.val_fraction)
-    decoder = codecs.getincrementaldecoder('utf-8')()
-    sink.begin(split, doc_hash)
-    lines, any_text = 0, False
-    with open_input(source) as f:
-        f.seek(start)
-        remaining = span_bytes(source, start, end) if end is not None else None
-        buffer, at_end = b'', False
-        while not at_end:
-            block = f.read(CHUNK_BYTES if remaining is None else min(CHUNK_BYTES, remaining))
-            if remaining is not None:
-                remaining -= len(block)
-            at_end = not block
-            buffer += block
-            piece, buffer = cut_piece(buffer, at_end)
-            if piece is None:
-                continue
-            try:
-                text = decoder.decode(piece, final=at_end)
-            except UnicodeDecodeError as e:
-                sink.drop()
-                report.skip('not UTF-8', source_index, lines + piece.count(b'\n', 0, max(0, e.start)) + 1)
-                return
-            lines += piece.count(b'\n')
-            any_text = any_text or has_text(text)
-            sink.write(text)
-    report.newlines += lines
-    if is_part:  # the parent drops the document if no part of it has text
-        report.has_text = report.has_text or any_text
-    elif not any_text:
-        sink.drop()
-        report.skip('empty', source_index)
-        return
-    sink.end(end_of_document=end is None or end == source.size)
-
-
-def cut_piece(buffer, at_end):
-    """(the start of buffer to tokenize now, or None, and the rest, kept for the next block)."""
-    if at_end:
-        return buffer, b''
-    exact = EXACT_CUT.search(buffer, len(buffer) // 2)
-    if exact:
-        return buffer[:exact.end()], buffer[exact.end():]
-    if len(buffer) < MAX_BUFFER_BYTES:
-        return None, buffer  # read on: an exact cut is usually near
-    last_newline = buffer.rfind(b'\n')
-    cut = len(buffer)  # no line end at all: anywhere (the decoder keeps a character cut in two whole)
-    if last_newline >= 0:
-        cut = last_newline + 1
-    return buffer[:cut], buffer[cut:]
 
 
 def run_units(work, num_proc, label):
@@ -538,148 +249,6 @@ def collect(reports, bar):
         if tokens:
             bar.set_postfix_str(f'{tokens / max(time.time() - started, 1e-9) / 1e6:.2f}M tokens/s')
     return collected
-
-
-class Skipped:
-    """The documents left out: a count per reason and the first few places of each."""
-
-    def __init__(self):
-        self.counts, self.places = Counter(), {}
-
-    def add(self, reason, count, places):
-        self.counts[reason] += count
-        kept = self.places.setdefault(reason, [])
-        kept.extend(places[:MAX_PLACES - len(kept)])
-
-    def total(self):
-        return sum(self.counts.values())
-
-    def line(self):
-        reasons = []
-        for reason, count in self.counts.items():
-            shown = ', '.join(self.places[reason])
-            if count > len(self.places[reason]):
-                shown += ', ...'
-            reasons.append(f'{reason} {count} ({shown})')
-        return f"skipped {self.total():,} documents: {'; '.join(reasons)}"
-
-    def as_json(self):
-        reasons = {reason: {'count': count, 'first': self.places[reason]}
-                   for reason, count in self.counts.items()}
-        return {'documents': self.total(), 'reasons': reasons}
-
-
-def place_of(source, line, lines_before=0):
-    """'file:line' (line counted in a unit that starts after lines_before lines of the file), or the file
-    alone where the whole file was skipped."""
-    if line is None:
-        return source.path
-    return f'{source.path}:{lines_before + line}'
-
-
-def keep_units(work, reports, skipped):
-    """The units that make the dataset: a text file cut into several units is kept whole or not at all (when
-    a part failed, or none has text). Adds what was skipped, with its places, to skipped."""
-    lines_before, lines_seen = [], Counter()  # a file's lines in the units before this one: to number lines
-    parts = {}
-    for unit, report in zip(work.units, reports):
-        first_source = unit.spans[0][0]
-        lines_before.append(lines_seen[first_source] if len(unit.spans) == 1 else 0)
-        lines_seen[first_source] += report.newlines
-        if unit.part_of is not None:
-            parts.setdefault(unit.part_of, []).append(report.index)
-    kept = set(range(len(work.units)))
-    for unit, report in zip(work.units, reports):  # in unit order, which is the order of the files
-        if unit.part_of is None:
-            for reason, count in report.skipped.items():
-                places = [place_of(work.sources[source_index], line, lines_before[report.index])
-                          for why, source_index, line in report.places if why == reason]
-                skipped.add(reason, count, places)
-            continue
-        unit_indexes = parts[unit.part_of]
-        if report.index != unit_indexes[0]:
-            continue  # the file was judged at its first unit
-        source = work.sources[unit.part_of]
-        failed = [i for i in unit_indexes if reports[i].skipped]
-        if failed:
-            reason, _, line = reports[failed[0]].places[0]
-            skipped.add(reason, 1, [place_of(source, line, lines_before[failed[0]])])
-            kept -= set(unit_indexes)
-        elif not any(reports[i].has_text for i in unit_indexes):
-            skipped.add('empty', 1, [place_of(source, None)])
-            kept -= set(unit_indexes)
-    return kept
-
-
-def balance(work, reports, kept):
-    """The move that gives an empty split a document: (from split, {unit index: (first, end token)}), or
-    (None, {}). It moves the document nearest the other side by its hash (a document cut into units: all its
-    units), so the choice, like the split, does not depend on --num_proc."""
-    documents = {s: sum(reports[i].documents[s] for i in kept) for s in SPLITS}
-    if documents['train'] and documents['val']:
-        return None, {}
-    if documents['val'] == 0:
-        from_split = 'train'
-        candidates = [(reports[i].lowest_train, i) for i in sorted(kept) if reports[i].lowest_train]
-        place, index = min(candidates, key=lambda candidate: candidate[0][0])
-    else:
-        from_split = 'val'
-        candidates = [(reports[i].highest_val, i) for i in sorted(kept) if reports[i].highest_val]
-        place, index = max(candidates, key=lambda candidate: candidate[0][0])
-    part_of = work.units[index].part_of
-    if part_of is None:
-        return from_split, {index: (place[1], place[2])}
-    units = [i for i in sorted(kept) if work.units[i].part_of == part_of]
-    return from_split, {i: (0, reports[i].tokens[from_split]) for i in units}
-
-
-def concatenate(work, reports, kept, moved_from, moves, out_folder):
-    """train.bin and val.bin from the kept units' files in unit order, each file removed once copied; the
-    moved token ranges go to the other split. The tokens per split."""
-    tokens = dict.fromkeys(SPLITS, 0)
-    outputs = {s: open(os.path.join(out_folder, f'{s}.bin'), 'wb') for s in SPLITS}
-    with outputs['train'], outputs['val']:
-        for index in range(len(work.units)):
-            for split in SPLITS:
-                path = unit_file(work.folder, index, split)
-                if index in kept:
-                    tokens[split] += reports[index].tokens[split]
-                    with open(path, 'rb') as unit:
-                        if split == moved_from and index in moves:
-                            first, end = moves[index]
-                            other = 'val' if split == 'train' else 'train'
-                            copy_bytes(unit, outputs[split], 2 * first)
-                            copy_bytes(unit, outputs[other], 2 * (end - first))
-                            tokens[split] -= end - first
-                            tokens[other] += end - first
-                        shutil.copyfileobj(unit, outputs[split], CHUNK_BYTES)
-                os.remove(path)
-    return tokens
-
-
-def split_tail(folder, tokens, val_fraction):
-    """One document in folder's train.bin or val.bin: its first 1 - val_fraction of tokens to train.bin, the
-    rest to val.bin, copied CHUNK_BYTES at a time. The tokens per split."""
-    paths = {s: os.path.join(folder, f'{s}.bin') for s in SPLITS}
-    if tokens['val']:  # the hash sent it to val: it starts over as train
-        os.replace(paths['val'], paths['train'])
-    total = sum(tokens.values())
-    train_tokens = min(max(1, int(total * (1 - val_fraction))), total - 1)
-    with open(paths['train'], 'r+b') as train, open(paths['val'], 'wb') as val:
-        train.seek(2 * train_tokens)
-        shutil.copyfileobj(train, val, CHUNK_BYTES)
-        train.truncate(2 * train_tokens)
-    return {'train': train_tokens, 'val': total - train_tokens}
-
-
-def copy_bytes(source, destination, count):
-    """Copies count bytes from one open file to another, CHUNK_BYTES at a time."""
-    while count > 0:
-        block = source.read(min(CHUNK_BYTES, count))
-        if not block:
-            return
-        destination.write(block)
-        count -= len(block)
 
 
 def install(partial, dest):

@@ -66,7 +66,8 @@ def test_prepare_from_a_local_file(tmp_path):
     work = tmp_path / 'data'
     (work / 'shakespeare_char').mkdir(parents=True)
     src = os.path.join(REPO, 'data')
-    for f in ('shakespeare_text.py', 'prepare.py', os.path.join('shakespeare_char', 'prepare.py')):
+    for f in ('shakespeare_text.py', 'prepare.py', 'corpus_reading.py', 'dataset_joining.py',
+              os.path.join('shakespeare_char', 'prepare.py')):
         (work / f).write_text(open(os.path.join(src, f)).read())
     (tmp_path / 'in.txt').write_text('abcab' * 200)
     prepare = work / 'shakespeare_char' / 'prepare.py'

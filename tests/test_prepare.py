@@ -26,6 +26,8 @@ _spec = importlib.util.spec_from_file_location('prepare', PREPARE)
 prepare = importlib.util.module_from_spec(_spec)
 sys.modules['prepare'] = prepare  # worker processes find its functions by this name
 _spec.loader.exec_module(prepare)
+# its reading of inputs (units, chunks), from data/, which prepare put on the path: the tests shrink its sizes
+reading = importlib.import_module('corpus_reading')
 
 WORDS = 'the of and to a in that is was he for it with as his on be at by i this had not are but from'.split()
 
@@ -170,8 +172,8 @@ def test_character_codec_round_trips_the_separator(tmp_path):
 def test_text_cut_into_units_tokenizes_as_the_whole_text(tmp_path, monkeypatch):
     """A plain-text file bigger than a unit is cut into several, at line ends between printable characters,
     and read in chunks cut the same way: its tokens are exactly encode_ordinary(whole text) + 50256."""
-    monkeypatch.setattr(prepare, 'UNIT_BYTES', 8192)
-    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 1024)
+    monkeypatch.setattr(reading, 'UNIT_BYTES', 8192)
+    monkeypatch.setattr(reading, 'CHUNK_BYTES', 1024)
     text = shakespeare(60_000)
     (tmp_path / 'play.txt').write_text(text)
     (tmp_path / 'other.txt').write_text('Another document.\n')
@@ -189,8 +191,8 @@ def test_same_bytes_for_a_seed_whatever_num_proc(tmp_path, monkeypatch):
     """The split is by a hash of (seed, file, where the document starts), the units by the files alone: the
     same inputs and seed give byte-identical files with 1 or 2 processes, over packed small files, a JSON
     Lines file and a text file each cut into several units; another seed sends other documents to val."""
-    monkeypatch.setattr(prepare, 'UNIT_BYTES', 4096)
-    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 1024)
+    monkeypatch.setattr(reading, 'UNIT_BYTES', 4096)
+    monkeypatch.setattr(reading, 'CHUNK_BYTES', 1024)
     documents = make_documents(200, lines=2)
     inputs = corpus(tmp_path, documents[:40])
     write_jsonl(tmp_path / 'big.jsonl', [{'text': t} for t in documents[40:]])
@@ -242,8 +244,8 @@ def test_bad_input_is_skipped_and_summed_up(tmp_path, monkeypatch, capsys):
     parse, lacks the field, or whose field is not a string or not UTF-8; a text file that is not UTF-8
     (here a big one cut into units, bad in a later unit: the whole document goes), a binary file (a NUL byte
     early on) and an empty one."""
-    monkeypatch.setattr(prepare, 'UNIT_BYTES', 4096)
-    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 1024)
+    monkeypatch.setattr(reading, 'UNIT_BYTES', 4096)
+    monkeypatch.setattr(reading, 'CHUNK_BYTES', 1024)
     good = make_documents(5)
     lines = [json.dumps({'text': good[0]}), '{"text": "unterminated', json.dumps({'body': 'x'}),
              json.dumps({'text': 5}), json.dumps({'text': good[1]}), '', json.dumps({'text': 'caf'})[:-2]]
