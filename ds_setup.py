@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ds_keys import refuse_unread
 from model import Block, GPTConfig
 from perf import matmul_flops
 
@@ -176,7 +177,8 @@ def emulated_bf16_warning():
 
 def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size, grad_clip, dtype):
     """(ds_config, zero stage). The JSON gives the ZeRO settings; batch, clipping and precision come from the
-    script's constants, so that one place rules: values the JSON states must agree, or ValueError says how."""
+    script's constants, so that one place rules: values the JSON states must agree, or ValueError says how.
+    A setting its stage would not read is refused too (ds_keys.py)."""
     here = os.path.dirname(os.path.abspath(__file__))
     if not os.path.isfile(path):  # a bare name also finds the JSONs that ship beside this file
         if not os.path.isfile(os.path.join(here, path)):
@@ -224,6 +226,7 @@ def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size,
         raise ValueError(f'{path}: zero_optimization.stage={stage!r}, but DeepSpeed has only ZeRO stages '
                          f'0-3: set "stage" to 0, 1, 2 or 3 there (ds_config_zero2.json and '
                          f'ds_config_zero3.json ship ready)')
+    refuse_unread(ds_config, stage, path)  # a setting this stage never reads, or one DeepSpeed does not know
     return ds_config, stage
 
 

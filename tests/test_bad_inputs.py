@@ -100,6 +100,24 @@ TRAINER_CASES = {
         lambda tmp, out: [f'--deepspeed_config={batch_mismatch_json(tmp)}',
                           '--batch_size=4', '--gradient_accumulation_steps=8'],
         ['train_batch_size=16', '4 x 8 x 1 = 32', '"auto"', '--batch_size']),
+    'ds_json_zero3_setting_under_zero2': (  # DeepSpeed would take it and never read it
+        lambda tmp, out: ['--deepspeed_config=' + str(ds_json(tmp, zero_optimization={
+            'stage': 2, 'stage3_max_live_parameters': 10 ** 9}))],
+        ['zero_optimization.stage3_max_live_parameters is read only under ZeRO-3', 'says stage 2',
+         '--deepspeed_config=ds_config_zero3.json']),
+    'ds_json_offload_at_stage_0': (  # stage 0 builds no ZeRO optimizer: nothing would be offloaded
+        lambda tmp, out: ['--deepspeed_config=' + str(ds_json(tmp, zero_optimization={
+            'stage': 0, 'offload_optimizer': {'device': 'cpu'}}))],
+        ['zero_optimization.offload_optimizer is read only under ZeRO-1, 2 and 3', 'says stage 0',
+         '--deepspeed_config=ds_config_zero2_offload.json']),
+    'ds_json_zero_key_typo': (  # DeepSpeed too refuses it, with a traceback once the model is built
+        lambda tmp, out: ['--deepspeed_config=' + str(ds_json(tmp, zero_optimization={
+            'stage': 3, 'stage3_max_live_paramters': 10 ** 9}))],
+        ['zero_optimization.stage3_max_live_paramters is not a setting DeepSpeed',
+         "did you mean 'stage3_max_live_parameters'?"]),
+    'ds_json_optimizer_section': (  # the trainer's own AdamW overrides it
+        lambda tmp, out: [f"--deepspeed_config={ds_json(tmp, optimizer={'type': 'AdamW'})}"],
+        ['"optimizer" section', 'never uses', '--learning_rate']),
     'unknown_key': (
         lambda tmp, out: ['--max_iter=3'],
         ["unknown key 'max_iter'", 'valid keys:', 'max_iters']),
