@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import data_sources
-from ds_setup import die
+from ds_setup import die, user_errors
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
 from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
 
@@ -198,7 +198,8 @@ def deepspeed_run(shape, stage, ranks, accumulation, workdir, row, extra=()):
     return statistics.median(times)
 
 
-meta = data_sources.read_meta(os.path.join(data_sources.folder(dataset), 'meta.pkl'))  # or GPT-2's, padded
+with user_errors():
+    meta = data_sources.read_meta(data_sources.vocabulary_file(data_sources.folder(dataset)))  # or GPT-2's
 vocab_size = meta['vocab_size'] if meta else 50304
 shapes = {'bench': GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                              vocab_size=vocab_size)}

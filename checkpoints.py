@@ -8,7 +8,7 @@ out_dir/
   <tag>.old/        an older <tag> parked while the new one is renamed in (a kill between leaves only this)
   <tag>.removing/   a rotated tag, renamed before it is deleted
   latest            the newest complete tag
-  meta.pkl          the run's character vocabulary (none for GPT-2 BPE)
+  meta.json         the run's character vocabulary (none for GPT-2 BPE; meta.pkl from older runs)
 
 The public surface: check_writable, to_resume, use_node_disks, check_before_load and resume (the trainer's
 start), save, keep_vocabulary, complete_tags and latest_tag; find, load_model and vocabulary_of (export.py and
@@ -17,7 +17,6 @@ sample.py).
 Nodes that save to disks of their own (no shared file system) each keep such a folder, with their own ranks'
 shards, a copy of the model states and their own 'latest'.
 """
-import filecmp
 import json
 import os
 import random
@@ -37,7 +36,6 @@ from model import GPT, GPTConfig
 
 CHECKSUMS = 'checksums.json'
 LATEST = 'latest'
-VOCABULARY = 'meta.pkl'
 
 
 # -----------------------------------------------------------------------------
@@ -460,13 +458,11 @@ def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
 
 
 def keep_vocabulary(out_dir, meta_path):
-    """Copy the dataset's meta.pkl into out_dir: the vocabulary travels with the run, for sample/export."""
-    if not os.path.exists(meta_path):
-        return  # GPT-2 BPE: nothing to keep
-    kept = os.path.join(out_dir, VOCABULARY)
-    if os.path.exists(kept) and filecmp.cmp(meta_path, kept, shallow=False):
-        return
-    shutil.copyfile(meta_path, kept)
+    """The dataset's vocabulary as out_dir/meta.json (an old meta.pkl's too): it travels with the run, for
+    sample/export."""
+    meta = data_sources.read_meta(meta_path)
+    if meta is not None:  # None: GPT-2 BPE, nothing to keep
+        data_sources.write_meta(out_dir, meta)
 
 
 # -----------------------------------------------------------------------------
@@ -567,14 +563,11 @@ def stage0_state_dict(saved, model):
 
 
 def vocabulary_of(out_dir, client):
-    """The run's meta.pkl (character vocabulary): the copy in out_dir, else its dataset's (a mix shares one
-    vocabulary: its first dataset's); None for GPT-2 BPE."""
+    """The run's vocabulary file (data_sources.vocabulary_file): the copy in out_dir, else its dataset's (a
+    mix shares one vocabulary: its first dataset's); None for GPT-2 BPE."""
     dataset = client.get('config', {}).get('dataset')
     if not dataset:
         return None
-    kept = os.path.join(out_dir, VOCABULARY)
-    if os.path.isfile(kept):
-        return kept
     first = next(iter(dataset)) if isinstance(dataset, dict) else dataset
-    path = os.path.join(data_sources.folder(first), VOCABULARY)
-    return path if os.path.isfile(path) else None
+    kept = data_sources.vocabulary_file(out_dir)
+    return kept or data_sources.vocabulary_file(data_sources.folder(first)) or None

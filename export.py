@@ -5,7 +5,7 @@ writes into export_dir:
   ckpt.pt                          fp32 weights, model_args and the run's config, for model.py and sample.py
   config.json, model.safetensors   a transformers GPT2LMHeadModel folder (from_pretrained(export_dir))
   vocab.json, merges.txt, ...      GPT-2's tokenizer, for runs on GPT-2 BPE tokens
-  meta.pkl                         the character vocabulary, for character-level runs
+  meta.json                        the character vocabulary, for character-level runs
 Any ZeRO stage (0-3), any number of ranks, fp32/bf16/fp16 runs: checkpoints.load_model reads the shards.
 """
 import os
@@ -15,6 +15,7 @@ import sys
 import torch
 
 import checkpoints
+import data_sources
 from ds_setup import die, user_errors
 
 out_dir = 'out-shakespeare-xl-deepspeed'  # the run's out_dir (a tag folder inside it works too)
@@ -48,7 +49,7 @@ if __name__ == '__main__':
         die(f'{export_dir} already exists and is not empty: pick a new --export_dir (nothing was written)')
     with user_errors():
         model, client = checkpoints.load_model(out_dir, tag)
-    meta_path = checkpoints.vocabulary_of(out_dir, client)
+        meta = data_sources.read_meta(checkpoints.vocabulary_of(out_dir, client))  # checked before writing
     # write beside, then rename: an interrupted export leaves no half-written export_dir behind
     partial = f'{os.path.normpath(export_dir)}.partial'
     shutil.rmtree(partial, ignore_errors=True)
@@ -58,16 +59,16 @@ if __name__ == '__main__':
             'best_val_loss': client.get('best_val_loss'),
             'source': os.path.join(os.path.abspath(out_dir), tag)}
     torch.save(ckpt, os.path.join(partial, 'ckpt.pt'))
-    save_transformers(model, partial, gpt2_bpe=meta_path is None)
-    if meta_path:
-        shutil.copyfile(meta_path, os.path.join(partial, 'meta.pkl'))
+    save_transformers(model, partial, gpt2_bpe=meta is None)
+    if meta:
+        data_sources.write_meta(partial, meta)  # JSON, whatever the run kept: an old meta.pkl too
     else:
         from tokenizer import write_hf_gpt2_tokenizer
         write_hf_gpt2_tokenizer(partial, model.config.block_size)
     if os.path.isdir(export_dir):
         os.rmdir(export_dir)  # empty, checked above
     os.rename(partial, export_dir)
-    vocabulary = 'character vocabulary' if meta_path else 'GPT-2 BPE'
+    vocabulary = 'character vocabulary' if meta else 'GPT-2 BPE'
     print(f"exported {out_dir}/{tag} (iter {client.get('iter_num')}, {model.get_num_params() / 1e6:.2f}M "
           f"parameters, {vocabulary}) to {export_dir}: {', '.join(sorted(os.listdir(export_dir)))}")
     sys.stdout.flush()

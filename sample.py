@@ -33,6 +33,7 @@ from configurator import configure  # noqa: E402
 
 configure(globals())
 import checkpoints  # noqa: E402
+import data_sources  # noqa: E402
 from ds_setup import die, user_errors  # noqa: E402
 from tokenizer import load_codec, prompt_ids  # noqa: E402
 
@@ -56,18 +57,19 @@ elif init_from.endswith('.pt') or os.path.isfile(os.path.join(init_from, 'ckpt.p
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     model = GPT(GPTConfig(**checkpoint['model_args']), init=False)  # loaded next
     model.load_state_dict(checkpoint['model'])
-    meta_path = os.path.join(os.path.dirname(path), 'meta.pkl')
+    meta_path = data_sources.vocabulary_file(os.path.dirname(path))
     source = f"{path} (iter {checkpoint.get('iter_num')})"
 elif is_pretrained_source(init_from):
     model = from_pretrained(init_from)
-    meta_path = os.path.join(init_from, 'meta.pkl')
+    meta_path = data_sources.vocabulary_file(init_from)
     source = init_from
 else:
     die(f"init_from={init_from!r} is not 'resume', an export folder or .pt file, a GPT-2 name nor a folder "
         f'with a transformers config.json')
 
-encode, decode = load_codec(meta_path)
-gpt2_bpe = not os.path.isfile(meta_path or '')
+with user_errors():
+    encode, decode = load_codec(meta_path)
+gpt2_bpe = not meta_path
 if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:
         start = f.read()

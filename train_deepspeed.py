@@ -144,7 +144,7 @@ def get_batch(split, rng, source=None):
     return x, y
 
 
-meta_path = os.path.join(sources[source_names[0]][0], 'meta.pkl') if sources else ''  # a mix shares one
+meta_path = data_sources.vocabulary_file(sources[source_names[0]][0]) if sources else ''  # a mix shares one
 meta = data_sources.read_meta(meta_path)  # None: GPT-2 BPE, whose 50257 ids a scratch model pads to 50304
 scratch_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                     dropout=dropout, vocab_size=meta['vocab_size'] if meta else 50304)

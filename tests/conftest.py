@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data_sources
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's bin: python, deepspeed
 # a small model that trains in seconds on the real character-level Shakespeare data
@@ -211,7 +213,7 @@ def mix(tmp_path_factory):
     for split in ('train', 'val'):
         ids = np.fromfile(os.path.join(char, f'{split}.bin'), dtype=np.uint16)
         ids[::-1].tofile(folder / f'{split}.bin')
-    shutil.copy(os.path.join(char, 'meta.pkl'), folder)
+    shutil.copy(data_sources.vocabulary_file(char), folder)
     return {'shakespeare_char': 3, str(folder): 1}
 
 

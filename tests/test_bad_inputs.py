@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import checkpoints
+import data_sources
 from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, one_error, run, sh, slow_rank, snapshot
 from conftest import tiny_hf
 
@@ -243,7 +244,7 @@ def test_bad_data_and_out_dir_are_one_line(tmp_path, case):
     ids = np.fromfile(os.path.join(char, 'val.bin'), dtype=np.uint16)
     for split in ('train', 'val'):
         ids.tofile(data / f'{split}.bin')
-    shutil.copy(os.path.join(char, 'meta.pkl'), data)
+    shutil.copy(data_sources.vocabulary_file(char), data)
     out = tmp_path / 'out'
     a_file = tmp_path / 'a_file'
     if case == 'short':

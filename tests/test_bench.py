@@ -1,7 +1,6 @@
 """bench.py end to end on a tiny model: the plain loop and the real trainer on DeepSpeed, a lever beside the
 row it changes, one table, JSON rows."""
 import json
-import os
 import re
 import sys
 
@@ -78,7 +77,7 @@ def test_a_nanogpt_row_runs_its_train_py_on_the_bench_shape(tmp_path):
         n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4)
     assert given['gradient_accumulation_steps'] == 2 and given['max_iters'] == 3  # 8 sequences; 1 + 2 iters
     assert given['compile'] is False and given['device'] == 'cpu' and given['dtype'] == 'float32'
-    meta = data_sources.read_meta(os.path.join(data_sources.folder('shakespeare_char'), 'meta.pkl'))
+    meta = data_sources.read_meta(data_sources.vocabulary_file(data_sources.folder('shakespeare_char')))
     assert given['vocab_size'] == meta['vocab_size'] and given['tokens'] > 10**6  # the bench's data
     plain, nano = json.load(open(out))
     assert nano['name'] == "nanoGPT's train.py, 1 process"

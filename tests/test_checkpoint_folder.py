@@ -22,7 +22,7 @@ def test_rotation_keeps_the_newest_the_best_and_final(saved_run, tmp_path):
     assert 'saved checkpoint' in stdout and '(removed iter_2)' in stdout and '(removed iter_4)' in stdout
     # no file or folder with a dot (iter_9.partial, final.old) but the logs, the vocabulary and DeepSpeed's
     # zero_to_fp32.py
-    logs = ('metrics.jsonl', 'run.json', 'meta.pkl')
+    logs = ('metrics.jsonl', 'run.json', 'meta.json')
     dotted = [p for p in os.listdir(out) if '.' in p and p not in logs and not p.endswith('.py')]
     assert not dotted
 

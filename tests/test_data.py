@@ -1,12 +1,12 @@
 """The prepared Shakespeare data and the offline GPT-2 tokenizer: real files, real tiktoken."""
 import os
-import pickle
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import data_sources
 from conftest import REPO
 from tokenizer import EOT_TOKEN, gpt2_encoding, load_codec, prompt_ids
 
@@ -25,11 +25,11 @@ def test_gpt2_bpe_offline():
 def test_char_level_data():
     train, val = bins('shakespeare_char')
     assert abs(len(train) / (len(train) + len(val)) - 0.9) < 1e-3  # 90/10 split
-    with open(os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl'), 'rb') as f:
-        meta = pickle.load(f)
+    meta_path = data_sources.vocabulary_file(data_sources.folder('shakespeare_char'))
+    meta = data_sources.read_meta(meta_path)
     assert meta['vocab_size'] == len(meta['itos']) == len(meta['stoi'])
     assert int(train.max()) < meta['vocab_size']
-    encode, decode = load_codec(os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl'))
+    encode, decode = load_codec(meta_path)
     text = decode(train[:20000].tolist())
     assert 'the' in text and encode(text[:500]) == train[:500].tolist()
 
@@ -38,15 +38,12 @@ def test_an_empty_prompt_starts_a_document(tmp_path):
     """prompt_ids: '' is GPT-2's end of text, or a character vocabulary's separator; nanoGPT's vocabulary has
     none and says so."""
     assert prompt_ids(load_codec()[0], '') == [EOT_TOKEN]
-    char_meta = os.path.join(REPO, 'data', 'shakespeare_char', 'meta.pkl')
-    with open(char_meta, 'rb') as f:
-        meta = pickle.load(f)
+    char_meta = data_sources.vocabulary_file(data_sources.folder('shakespeare_char'))
+    meta = data_sources.read_meta(char_meta)
     assert prompt_ids(load_codec(char_meta)[0], '') == [meta['separator']]
-    nanogpt_meta = tmp_path / 'meta.pkl'
-    with open(nanogpt_meta, 'wb') as f:
-        pickle.dump({k: meta[k] for k in ('vocab_size', 'stoi', 'itos')}, f)
+    nanogpt_meta = data_sources.write_meta(tmp_path, {k: meta[k] for k in ('vocab_size', 'stoi', 'itos')})
     with pytest.raises(ValueError, match='no document separator'):
-        prompt_ids(load_codec(str(nanogpt_meta))[0], '')
+        prompt_ids(load_codec(nanogpt_meta)[0], '')
 
 
 def test_bpe_data_decodes_to_shakespeare():
@@ -56,7 +53,7 @@ def test_bpe_data_decodes_to_shakespeare():
     text = gpt2_encoding().decode(train[:5000].tolist())
     assert sum(w in text for w in (' thou ', ' the ', ' my lord')) >= 2
     # BPE: no char vocabulary
-    assert not os.path.exists(os.path.join(REPO, 'data', 'shakespeare', 'meta.pkl'))
+    assert not data_sources.vocabulary_file(data_sources.folder('shakespeare'))
 
 
 def test_prepare_from_a_local_file(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import checkpoints
+import data_sources
 from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
 from ds_setup import prepare_process
 
@@ -336,7 +337,7 @@ def test_resume_after_a_kill_in_the_middle_of_a_swap(reference, tmp_path):
     checkpoint, and its save of iter_8 should go through and clear the leftover."""
     out = tmp_path / 'out'
     os.makedirs(out)
-    for name in (checkpoints.LATEST, 'meta.pkl'):
+    for name in (checkpoints.LATEST, data_sources.VOCABULARY):
         shutil.copy(reference / name, out / name)
     shutil.copytree(reference / 'final', out / 'final.old')
     shutil.copytree(reference / 'final', out / 'final.partial')

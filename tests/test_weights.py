@@ -2,7 +2,6 @@
 export.py's consolidation of every ZeRO stage, sample.py from each kind of source."""
 import json
 import os
-import pickle
 import re
 import shlex
 import shutil
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import checkpoints
+import data_sources
 
 from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, one_error
 from conftest import run, tiny_hf
@@ -82,7 +82,7 @@ def test_export_any_stage(tmp_path, saved_run, stage, dtype):
                    f'--dtype={dtype}', '--max_iters=3', '--eval_interval=3']))
     proc = ok(export(out, exported))
     assert f'exported {out}/final (iter {iters}' in proc.stdout
-    assert sorted(os.listdir(exported)) == ['ckpt.pt', 'config.json', 'meta.pkl', 'model.safetensors']
+    assert sorted(os.listdir(exported)) == ['ckpt.pt', 'config.json', 'meta.json', 'model.safetensors']
 
     # (a) ckpt.pt: fp32, every key model.py expects and no other, the tied weight included
     ckpt = torch.load(exported / 'ckpt.pt', map_location='cpu', weights_only=True)
@@ -113,8 +113,7 @@ def test_export_any_stage(tmp_path, saved_run, stage, dtype):
     idx = torch.randint(0, 85, (2, 32))
     with torch.no_grad():
         assert (hf.eval()(idx).logits - model(idx, idx)[0]).abs().max().item() <= 1e-5
-    with open(exported / 'meta.pkl', 'rb') as f:
-        assert pickle.load(f)['vocab_size'] == 85
+    assert data_sources.read_meta(str(exported / 'meta.json'))['vocab_size'] == 85
 
 
 @pytest.fixture
@@ -205,7 +204,7 @@ def test_gpt2_bpe_run_exports_a_tokenizer_and_samples(tmp_path):
     out, exported = tmp_path / 'out', tmp_path / 'export'
     ok(launch([*TINY_RUN, '--dataset=shakespeare', f'--init_from={tmp_path / "hf"}', f'--out_dir={out}',
                '--deepspeed_config=ds_config_zero3.json', '--max_iters=2', '--eval_interval=2']))
-    assert not (out / 'meta.pkl').exists()
+    assert not data_sources.vocabulary_file(out)
     ok(export(out, exported))
     assert set(os.listdir(exported)) == {'vocab.json', 'merges.txt', 'tokenizer_config.json', 'config.json',
                                          'model.safetensors', 'ckpt.pt'}
