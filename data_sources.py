@@ -113,7 +113,7 @@ def how_to_remake(path):
     export's copy) copy in its dataset's."""
     where = os.path.dirname(path) or '.'
     if os.path.isfile(os.path.join(where, 'train.bin')):
-        return f'write {VOCABULARY} again with {how_to_prepare(where, tokenizer="char")}'
+        return f'write the vocabulary again with {how_to_prepare(where, tokenizer="char")}'
     return (f'replace it with the {VOCABULARY} of the dataset the model was trained on (data/prepare.py '
             '--tokenizer char writes one)')
 
