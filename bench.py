@@ -13,6 +13,9 @@ the ZeRO-2 1-rank row they change. run_s is a row's whole launch, start to exit,
 first_iter_s its first iteration, both from its first round, which compiles from an empty inductor cache: the
 compile row's run_s less the plain ZeRO-2 row's is what compiling costs a first run.
 """
+from configurator import answer_help
+
+answer_help(__file__)  # --help or -h: the settings below, read from this file, before anything loads
 import json as jsonlib  # the name json is the --json option below
 import os
 import pickle
@@ -43,7 +46,11 @@ NANOGPT_FILES = ('train.py', 'model.py', 'configurator.py')  # what the nanoGPT 
 NANOGPT_ROW = "nanoGPT's train.py, 1 process"
 NANOGPT_ITER_LINE = re.compile(r'^iter (\d+): loss \S+, time ([\d.]+)ms', re.MULTILINE)
 # -----------------------------------------------------------------------------
-n_layer, n_head, n_embd, block_size = 4, 4, 256, 128
+# the model, a GPT-2 from scratch
+n_layer = 4
+n_head = 4
+n_embd = 256
+block_size = 128  # tokens per sample
 batch_size = 8  # micro batch per rank
 # sequences per optimizer step, the same for every row: GA = global_batch / (batch_size x ranks)
 global_batch = 32
@@ -60,7 +67,7 @@ levers = 'no_phase_timers,gradient_checkpointing,compile,offload'  # each a row 
 json = ''  # a file to write the rows to, as JSON
 nanogpt = ''  # a checkout of nanoGPT (its train.py, model.py, configurator.py): a row of its own train.py
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import configure
 
 configure(globals())
 # every row's batch split, checked before anything is timed

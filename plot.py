@@ -83,7 +83,8 @@ def plot_after_run(out_dir):
 
 
 if __name__ == '__main__':
-    from configurator import configure
+    from configurator import answer_help, configure
+    answer_help(__file__)  # before OUT_DIR is taken from the arguments: -h is not a folder
     args = sys.argv[1:]
     # `plot.py OUT_DIR`; the configurator would read it as a config file
     if args and not args[0].startswith('--'):

@@ -9,16 +9,28 @@
 #   ./run_deepspeed_xl.sh --cpu-demo [--max_iters=500]      # no GPU: the small CPU demo on 2 CPU ranks
 #   ./run_deepspeed_xl.sh --dry-run [--plan_gpu_mem_gb=32]  # what fits per GPU; trains nothing, needs no GPU
 #
-# Options of this script: --cpu-demo, --dry-run, --hostfile FILE, --node_rank N, --master_addr ADDR, --num_gpus N,
-# --master_port PORT; everything else goes to train_deepspeed.py. Each failed check prints one line and exits
-# non-zero before anything is launched.
+# Options of this script (everything else goes to train_deepspeed.py, whose settings
+# `python train_deepspeed.py --help` lists):
+#   --cpu-demo           no GPU needed: config/train_shakespeare_char_cpu.py on CPU ranks (gloo), data made first
+#   --dry-run            the memory plan per GPU for ZeRO 0-3, and a recommendation; nothing trained or written
+#   --num_gpus N         ranks: GPUs (default every visible one), or CPU ranks with --cpu-demo (default 2)
+#   --hostfile FILE      several nodes, a "host slots=N" line each; started over ssh unless --node_rank is given
+#   --node_rank N        this node's line in FILE, from 0: one command per node, no ssh (needs --master_addr)
+#   --master_addr ADDR   node 0's address, with --node_rank
+#   --master_port PORT   the port rank 0 listens on (default 29500)
+#   -h, --help           this text
+# With GPUs it checks them, the settings, the data and the disk, then starts one rank per GPU; without one it
+# says so and names --cpu-demo and --dry-run. Each failed check prints one line and exits non-zero before
+# anything is launched.
 set -euo pipefail
 cd "$(dirname "$0")"
 fail() { echo "error: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0; }  # the comment above
 
 cpu_demo=0; dry_run=0; hostfile=""; node_rank=""; master_addr=""; num_gpus=""; master_port=29500; train_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    -h|--help) usage ;;
     --cpu-demo) cpu_demo=1 ;;
     --dry-run) dry_run=1 ;;
     --hostfile) [ $# -ge 2 ] || fail "--hostfile needs a file"; hostfile="$2"; shift ;;

@@ -4,6 +4,7 @@
 #   ./setup.sh && ./run_deepspeed_xl.sh --cpu-demo      (or, with GPUs, ./run_deepspeed_xl.sh)
 set -euo pipefail
 cd "$(dirname "$0")"
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac  # the comment above
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 

@@ -8,6 +8,9 @@ No GPU: the same code on 2 CPU ranks over gloo (after python data/shakespeare_ch
 $ deepspeed --num_gpus 2 train_deepspeed.py config/train_shakespeare_char_cpu.py
 $ deepspeed --num_gpus 4 train_deepspeed.py --init_from=resume [--resume_tag=iter_10]  # newest, or a tag
 """
+from configurator import answer_help
+
+answer_help(__file__)  # --help or -h: the settings below, read from this file, before anything loads
 import dataclasses
 import math
 import os
@@ -75,8 +78,8 @@ grad_clip = 1.0  # DeepSpeed's gradient_clipping; 0.0 disables
 # learning rate schedule: linear warmup, then cosine down to min_lr
 decay_lr = True  # False: constant learning_rate after warmup
 warmup_iters = 2
-lr_decay_iters = 20  # usually max_iters
-min_lr = 3e-6  # usually learning_rate / 10
+lr_decay_iters = 20  # follows max_iters unless given
+min_lr = 3e-6  # follows learning_rate / 10 unless given
 # system
 deepspeed_config = 'ds_config_zero2.json'  # ZeRO settings; batch, clipping and precision come from here
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16', 'auto': bf16 from Ampere (fp16 before); CPU: where it pays
@@ -88,7 +91,7 @@ sample_start = '\n'
 # -----------------------------------------------------------------------------
 from configurator import configure
 
-config_keys, overrides = configure(globals())
+config_keys, overrides, followed = configure(globals())  # followed: e.g. lr_decay_iters took max_iters
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
 import settings
@@ -208,7 +211,7 @@ if master_process:
           f'{world_size} rank(s) on {accelerator.device_name()} ({dist.get_backend()}); train_batch_size = '
           f'{batch_size} x {gradient_accumulation_steps} x {world_size} = {ds_config["train_batch_size"]} '
           f'sequences, {tokens_per_iter:,} tokens per iter')
-    for line in (note, compile_note):  # how it resumed; that the model compiles at first
+    for line in (followed, note, compile_note):  # what followed another setting; how it resumed; compiling
         if line:
             print(line)
     if dtype_why:

@@ -7,22 +7,26 @@ $ python data/bench_prepare.py --corpus_mb=100 --small_mb=10 --repeats=1 --json=
 Each command runs as a subprocess; peak RSS sums its process tree, sampled every 0.1 s. The datasets rows
 need `pip install datasets` (not in requirements.txt); without it they are skipped with a line saying so.
 """
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configurator, ds_setup
+from configurator import answer_help
+
+answer_help(__file__)  # --help or -h: the settings below, read from this file, before anything loads
 import filecmp
 import glob
 import importlib.util
 import json as jsonlib  # the name json is the --json option below
-import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configurator, ds_setup
 # -----------------------------------------------------------------------------
 corpus_mb = 300  # the corpus for speed: the plays copied until it is this big
 small_mb = 30  # a 10x smaller one: prepare.py's peak memory should not grow with the corpus
@@ -30,7 +34,7 @@ repeats = 2  # rounds over all rows; each row keeps its best seconds and its low
 datasets_rows = True  # also the Hugging Face datasets rows, when datasets is installed
 json = ''  # a file to write the rows to, as JSON
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import configure
 
 configure(globals())
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # after configure: not an option

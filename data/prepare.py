@@ -32,6 +32,7 @@ for the whole text (EXACT_CUT). A gzip file is one unit however big (it cannot b
 tokenizes it: give a big corpus as several .gz files.
 """
 import argparse
+import difflib
 import functools
 import json
 import multiprocessing
@@ -58,12 +59,28 @@ FLUSH_TOKENS = 1 << 20  # tokens a unit buffers before writing them out
 
 
 class Arguments(argparse.ArgumentParser):
+    """argparse with every command's way of failing: one error line, the nearest option for a typo."""
+    given = []  # the arguments being parsed, for error() to look at
+    hint = 'python data/prepare.py INPUT... --name NAME (--help says more)'  # the command, as it is typed
+
     def error(self, message):  # one 'error:' line like every command's, not argparse's usage and its own line
-        raise ValueError(f'{message}: python data/prepare.py INPUT... --name NAME (--help says more)')
+        options = [option for action in self._actions for option in action.option_strings]
+        for arg in self.given:
+            name = arg.split('=')[0]
+            unknown = arg.startswith('--') and not any(option.startswith(name) for option in options)
+            nearest = difflib.get_close_matches(name, options, n=1) if unknown else []
+            if nearest:  # argparse would complain of what the typo left out: say what was meant instead
+                raise ValueError(f'unknown option {name}: did you mean {nearest[0]}? (--help lists them all)')
+        raise ValueError(f'{message}: {self.hint}')
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module's docstring as written, and each option's default."""
 
 
 def parse_args(argv):
-    p = Arguments(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Arguments(description=__doc__, formatter_class=Formatter)
+    p.given = sys.argv[1:] if argv is None else list(argv)
     p.add_argument('inputs', nargs='+', metavar='INPUT', help='files, folders or globs')
     p.add_argument('--name', required=True, help='the dataset: data/NAME, or a folder path')
     p.add_argument('--tokenizer', choices=('gpt2', 'char'), default='gpt2')
@@ -78,6 +95,10 @@ def parse_args(argv):
                          'like 0.1')
     if args.num_proc < 1:
         raise ValueError(f'--num_proc {args.num_proc}: give 1 or more processes')
+    examples = {'name': 'the dataset, like --name mydata', 'text_field': 'the field, like --text_field text'}
+    for option, example in examples.items():
+        if not getattr(args, option).strip():
+            raise ValueError(f'--{option} is empty: give {example}')
     return args
 
 

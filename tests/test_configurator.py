@@ -38,10 +38,12 @@ def test_types_are_checked():
             parse_overrides([bad], DEFAULTS)
 
 
-def test_unknown_key_lists_valid_ones(tmp_path):
-    listed = "unknown key 'batchsize'; valid keys: batch_size, dataset, decay_lr"
-    with pytest.raises(ValueError, match=listed):
+def test_unknown_key_names_the_nearest(tmp_path):
+    nearest = r"^unknown key 'batchsize': did you mean batch_size\? \(--help lists"
+    with pytest.raises(ValueError, match=nearest):
         parse_overrides(['--batchsize=2'], DEFAULTS)
+    with pytest.raises(ValueError, match=r"^unknown key 'zzz' \(--help lists them all\)$"):  # nothing near it
+        parse_overrides(['--zzz=2'], DEFAULTS)
     cfg = tmp_path / 'cfg.py'
     cfg.write_text('max_itters = 5\n')
     with pytest.raises(ValueError, match=f"{cfg}: unknown key 'max_itters'"):
@@ -50,6 +52,30 @@ def test_unknown_key_lists_valid_ones(tmp_path):
         parse_overrides(['--batch_size'], DEFAULTS)
     with pytest.raises(ValueError, match='not found'):
         parse_overrides(['config/nope.py'], DEFAULTS)
+
+
+def resolved(*args):
+    """The trainer's settings after config files and overrides (`python configurator.py`), nothing run."""
+    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', *args], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_setting_follows_the_one_it_is_usually(tmp_path):
+    """lr_decay_iters is max_iters and min_lr learning_rate / 10 unless given, from a config file or the
+    command line; given, each keeps its value."""
+    alone = resolved('--max_iters=2000')
+    assert alone['lr_decay_iters'] == 2000 and alone['min_lr'] == 3e-6  # learning_rate was not given
+    both = resolved('--max_iters=2000', '--learning_rate=1e-3')
+    assert both['lr_decay_iters'] == 2000 and both['min_lr'] == pytest.approx(1e-4)
+    given = resolved('--max_iters=2000', '--lr_decay_iters=500', '--learning_rate=1e-3', '--min_lr=0.0')
+    assert given['lr_decay_iters'] == 500 and given['min_lr'] == 0.0
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text('max_iters = 300\n')
+    assert resolved(str(cfg))['lr_decay_iters'] == 300
+    demo = resolved('config/train_shakespeare_char_cpu.py', '--max_iters=100')  # the file gives both its own
+    assert demo['lr_decay_iters'] == 700 and demo['min_lr'] == 8e-4
 
 
 def test_resolves_the_trainers_constants():
@@ -68,10 +94,6 @@ def test_resolves_the_trainers_constants():
 def test_defaults_are_the_headline_job():
     """Plain `deepspeed train_deepspeed.py` runs the job of config/train_gpt2_xl_shakespeare.py: the same
     model, data, batch, length, learning rate and evals (the config adds its schedule and logging)."""
-    def resolved(*args):
-        proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', *args], cwd=REPO,
-                              capture_output=True, text=True)
-        return json.loads(proc.stdout)
     defaults, headline = resolved(), resolved('config/train_gpt2_xl_shakespeare.py')
     job = ('init_from', 'dataset', 'deepspeed_config', 'block_size', 'batch_size',
            'gradient_accumulation_steps', 'max_iters', 'learning_rate', 'eval_interval', 'eval_iters',
