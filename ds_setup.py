@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from datetime import timedelta
 
 import torch
@@ -32,6 +33,12 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # how long a rank waits for the others at start: nodes started one by one, weights downloaded, ops built (the
 # loop then waits dist_timeout_s: preemption.stop_on_a_lost_rank)
 START_TIMEOUT_S = 600
+# warnings a library raises about its own calls into another library, which a user of ours cannot act on:
+# (category, the start of the message). DeepSpeed's ZeRO calls torch.distributed's all_gather_into_tensor and
+# reduce_scatter_tensor, which torch 2.13 deprecates. A warning the user can act on still shows.
+LIBRARY_WARNINGS = [
+    (FutureWarning, r'`torch\.distributed\.[\w.]+` (is|will be) '),
+]
 
 
 def die(msg, alone=False, exit_code=1):
@@ -266,6 +273,8 @@ def prepare_process():
         os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'  # transformers' bars follow the hub's
     # a run that seems stuck: `kill -USR1 <a rank's pid>` prints where each of its threads is, and it goes on
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings('ignore', message=message, category=category)
 
 
 def share_cpu_cores():

@@ -112,8 +112,10 @@ def eval_line(iter_num, losses):
 
 def log_line(r):
     """Rank 0's line for a metrics record: the figures it holds, comma-separated."""
-    parts = [f"iter {r['iter']}: loss {r['loss']:.4f}", f"lr {r['lr']:.3e}", f"time {r['dt_ms']:.2f}ms",
-             f"{r['tokens_per_s']:,.0f} tok/s"]
+    parts = [f"iter {r['iter']}: loss {r['loss']:.4f}", f"lr {r['lr']:.3e}"]
+    if 'grad_norm' in r:
+        parts.append(f"grad norm {r['grad_norm']:.3f}")
+    parts += [f"time {r['dt_ms']:.2f}ms", f"{r['tokens_per_s']:,.0f} tok/s"]
     if 'mfu' in r:
         parts.append(f"MFU {r['mfu'] * 100:.1f}%")
     shares = [f"{p} {r[p + '_frac'] * 100:.0f}%" for p in PHASES if p + '_frac' in r]
@@ -276,6 +278,16 @@ class StepMeter:
         self.start_peak_rss_mb = [round(peak_mb, 1) for _, peak_mb in start]
         self.timer = PhaseTimer(use_events=on_gpu) if time_phases else None
         self.said_why_no_mfu = False
+        self.grad_norm = None  # taken by take_grad_norm where DeepSpeed keeps none
+
+    def take_grad_norm(self, engine):
+        """Between the last backward of an iteration and its step: where DeepSpeed keeps no gradient norm
+        (ZeRO-0 in fp32, whose clipping drops the norm it computes), the norm of the averaged gradients, on
+        the device (no host sync). Elsewhere record() reads DeepSpeed's own, get_global_grad_norm."""
+        deepspeed_keeps_it = engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()
+        if not deepspeed_keeps_it:
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            self.grad_norm = torch.nn.utils.get_total_norm(grads)
 
     def mark(self, phase):
         if self.timer:
@@ -308,6 +320,11 @@ class StepMeter:
         """(metrics record, a line to say once or ''). Collective: the memory figures are the top rank's."""
         tokens_per_s = self.tokens_per_iter / (dt_ms / 1000)
         record = {'iter': iter_num, 'loss': loss, 'lr': lr, 'dt_ms': dt_ms, 'tokens_per_s': tokens_per_s}
+        grad_norm = engine.get_global_grad_norm()  # before clipping, of the iteration's step
+        if grad_norm is None:
+            grad_norm = self.grad_norm
+        if grad_norm is not None:
+            record['grad_norm'] = float(grad_norm)
         share, why_no_mfu = mfu(self.flops_per_token * tokens_per_s, self.world_size, self.peak)
         if share is not None:
             record['mfu'] = share

@@ -336,6 +336,7 @@ while True:
         group['lr'] = lr
 
     # forward, backward and step, gradient_accumulation_steps times
+    log_now = (iter_num + 1) % log_interval == 0 or iter_num + 1 == max_iters  # it ends in a log line
     loss_sum = torch.zeros((), device=device)
     skipped_before = model_engine.skipped_steps
     X, Y = get_batch('train', batch_rng)
@@ -348,6 +349,8 @@ while True:
             meter.mark('data')
         model_engine.backward(loss)  # DeepSpeed scales by 1/accumulation (and the fp16 loss scale)
         meter.mark('backward')
+        if log_now and micro_step + 1 == gradient_accumulation_steps:
+            meter.take_grad_norm(model_engine)  # only where DeepSpeed keeps none (ZeRO-0 in fp32)
         model_engine.step()  # updates the weights only at the accumulation boundary
         meter.mark('step')
         loss_sum += loss.detach().float()
@@ -361,7 +364,7 @@ while True:
     stop_reason = stop_signal.anywhere()  # None, or the signal any rank had
 
     # log: the only host syncs of the loop
-    if iter_num % log_interval == 0 or iter_num == max_iters:
+    if log_now:
         mean_loss = loss_sum / gradient_accumulation_steps
         dist.all_reduce(mean_loss)  # the global batch's loss
         dist.all_reduce(nonfinite_worst, op=dist.ReduceOp.MAX)  # any rank's

@@ -14,7 +14,7 @@ from importlib.metadata import version
 import pytest
 
 import checkpoints
-from conftest import BIN, REPO, TINY, dry_run, env, free_port, launch, metrics, ok
+from conftest import BIN, REPO, TINY, dry_run, env, free_port, launch, metrics, ok, run
 from model import GPTConfig, flops_per_token
 
 
@@ -36,7 +36,8 @@ def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
         shares = {k[:-5]: v for k, v in r.items() if k.endswith('_frac')}
         assert {'data', 'forward', 'backward', 'step'} <= set(shares) and abs(sum(shares.values()) - 1) < 1e-6
         assert shares['forward'] > 0.02 and shares['backward'] > 0.02
-    line_3 = r'iter 3: loss [\d.]+, .*MFU [\d.]+% \(data \d+% forward \d+% backward \d+% step \d+%'
+        assert r['grad_norm'] > 0  # DeepSpeed's own, ZeRO-2's
+    line_3 = r'iter 3: loss [\d.]+, lr \S+, grad norm [\d.]+, .*MFU [\d.]+% \(data \d+% forward \d+%'
     assert re.search(line_3, proc.stdout)
     assert 'MFU against' in proc.stdout and "the model's matmuls timed at start" in proc.stdout
     assert '\r' not in proc.stdout  # not a terminal: plain lines, no progress bar
@@ -57,6 +58,7 @@ def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
     events = EventAccumulator(str(out / 'tensorboard')).Reload()
     assert [e.step for e in events.Scalars('loss')] == [0, 1, 2, 3]
     assert [e.step for e in events.Scalars('val_loss')] == [0, 2, 4]
+    assert [e.step for e in events.Scalars('grad_norm')] == [0, 1, 2, 3]
 
     state = checkpoints.read_client_state(str(out / 'final'))
     run_id = state['wandb_run_id']
@@ -72,6 +74,23 @@ def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
     first_start = json.load(open(out / 'run.1.json'))  # the first start's run.json, kept
     resumed = json.load(open(out / 'run.json'))
     assert first_start['resumed_at'] is None and resumed['resumed_at'] == 4
+
+
+def test_grad_norm_is_before_clipping_at_every_stage(tmp_path):
+    """The logged gradient norm is the one clipping starts from: DeepSpeed's get_global_grad_norm where it
+    keeps one (ZeRO-2 here), the trainer's own where it keeps none (ZeRO-0 in fp32); the same first iteration
+    gives the same norm both ways, above grad_clip (so not the clipped one)."""
+    zero0 = tmp_path / 'zero0.json'
+    config = json.load(open(os.path.join(REPO, 'ds_config_zero2.json')))
+    zero0.write_text(json.dumps({**config, 'zero_optimization': {'stage': 0}}))
+    norms = {}
+    for name, ds_config in (('zero0', zero0), ('zero2', 'ds_config_zero2.json')):
+        out = tmp_path / name
+        ok(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--max_iters=2',
+                '--eval_interval=2', f'--deepspeed_config={ds_config}', '--grad_clip=1.0']))
+        norms[name] = [r['grad_norm'] for r in metrics(out) if 'loss' in r]
+    assert norms['zero0'][0] == pytest.approx(norms['zero2'][0], rel=1e-4)
+    assert norms['zero0'][0] > 1.0 and len(norms['zero0']) == len(norms['zero2']) == 2
 
 
 def in_a_terminal(args, ranks=2):
