@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import data_sources
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, num_params
 
 CHECKSUMS = 'checksums.json'
 LATEST = 'latest'
@@ -442,9 +442,17 @@ def checkpoint_bytes(n_params, dtype):
     return n_params * ((4 if dtype == 'float32' else 2) + 12)
 
 
-def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
+def check_disk(out_dir, shape, dtype, min_free_disk_mb):
+    """At the start: ValueError when out_dir's disk cannot hold the first save, found before any training."""
+    shortfall = disk_shortfall(out_dir, num_params(shape), dtype, min_free_disk_mb, at_start=True)
+    if shortfall:
+        raise ValueError(shortfall)
+
+
+def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb, at_start=False):
     """'' when out_dir's disk has room for one more checkpoint plus min_free_disk_mb, else the line that says
-    so. The need is the newest checkpoint's size, before the first save checkpoint_bytes."""
+    so, at the start of a run (nothing trained yet) or at a save. The need is the newest checkpoint's size,
+    before the first save checkpoint_bytes."""
     newest = latest_tag(out_dir)
     need = folder_bytes(os.path.join(out_dir, newest)) if newest else 0
     need = need or checkpoint_bytes(n_params, dtype)
@@ -452,9 +460,12 @@ def disk_shortfall(out_dir, n_params, dtype, min_free_disk_mb):
     free = shutil.disk_usage(existing_ancestor(out_dir)).free
     if free - need >= min_free_disk_mb * 2**20:
         return ''
-    return (f'{out_dir} has {size(free)} free, a checkpoint needs about {size(need)} plus '
-            f'min_free_disk_mb={min_free_disk_mb}: stopped before writing it; free space (or lower '
-            f'--keep_last_n) and resume with --init_from=resume')
+    short = (f'{out_dir} has {size(free)} free, a checkpoint needs about {size(need)} plus '
+             f'min_free_disk_mb={min_free_disk_mb}')
+    if at_start:
+        return f'{short}: stopped before training; free space (or lower --min_free_disk_mb) and start again'
+    then = 'resume with --init_from=resume' if newest else 'start again (nothing was saved to resume from)'
+    return f'{short}: stopped before writing it; free space (or lower --keep_last_n) and {then}'
 
 
 def keep_vocabulary(out_dir, meta_path):

@@ -1,6 +1,7 @@
 """
-Values of train_deepspeed.py's settings that cannot work, found before anything starts. The configurator
-already checks each value's type; this checks what a value of the right type can still get wrong.
+Values of train_deepspeed.py's settings that cannot work, or would do nothing where they are given, found
+before anything starts; check_values does the same for the other commands' numbers and names. The
+configurator already checks each value's type; this checks what a value of the right type can still get wrong.
 """
 import math
 
@@ -14,6 +15,10 @@ AT_LEAST = {
     'gpu_mem_cap_gb': 0.0,
 }
 BELOW_ONE = ('dropout', 'beta1', 'beta2')  # fractions in [0, 1)
+NAMED = ('dataset',)  # text that must name something (init_from, dtype...: refused later, with the choices)
+# setting -> (the setting it is read with, the value that reads it): given without that, it would do nothing
+READ_ONLY_WITH = {'resume_tag': ('init_from', 'resume'), 'plan_gpus': ('dry_run', True),
+                  'plan_gpu_mem_gb': ('dry_run', True)}
 
 
 def check(config):
@@ -23,18 +28,34 @@ def check(config):
         raise ValueError(found)
 
 
-def problem(config):
-    """The first setting that cannot work, as one line that names the fix; '' when all can."""
-    for key, least in AT_LEAST.items():
+def check_values(config, at_least=None, positive=None, below_one=(), named=()):
+    """Every command's numbers and names: ValueError naming the first that cannot work, and its fix.
+    at_least {setting: least}; positive {setting: an example}; below_one: fractions in [0, 1); named: text
+    that must not be empty."""
+    for key, least in (at_least or {}).items():
         value = config[key]
         if not math.isfinite(value) or value < least:
-            return f'{key}={value} cannot work: use --{key}={least} or more'
-    for key in BELOW_ONE:
+            raise ValueError(f'{key}={value} cannot work: use --{key}={least} or more')
+    for key, example in (positive or {}).items():
+        value = config[key]
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f'{key}={value} cannot work: use a positive --{key}, like {example}')
+    for key in below_one:
         if not 0 <= config[key] < 1:
-            return f'{key}={config[key]} cannot work: use a value from 0 up to (not including) 1'
-    learning_rate = config['learning_rate']
-    if not math.isfinite(learning_rate) or learning_rate <= 0:
-        return f'learning_rate={learning_rate} cannot work: use a positive --learning_rate, like 1e-3'
+            raise ValueError(f'{key}={config[key]} cannot work: use a value from 0 up to (not including) 1')
+    for key in named:
+        if isinstance(config[key], str) and not config[key].strip():  # (dataset may be a mix, a dict)
+            raise ValueError(f'{key}={config[key]!r} names nothing: give one (--help shows the default)')
+
+
+def problem(config):
+    """The first setting that cannot work, as one line that names the fix; '' when all can."""
+    try:
+        check_values(config, AT_LEAST, {'learning_rate': 1e-3}, BELOW_ONE, NAMED)
+    except ValueError as e:
+        return str(e)
+    if config['wandb_log'] and not config['wandb_project'].strip():
+        return "wandb_project='' with wandb_log=True: name the project, like --wandb_project=my-runs"
     n_embd, n_head = config['n_embd'], config['n_head']
     if config['init_from'] == 'scratch' and n_embd % n_head:
         nearest = max(n_head, n_embd // n_head * n_head)
@@ -44,4 +65,8 @@ def problem(config):
         return f"compile={config['compile']!r} cannot work: use --compile=True, False or auto"
     if not config['out_dir']:
         return "out_dir='' would write checkpoints into the current folder: name one, like --out_dir=out"
+    for key, (other, reads_it) in READ_ONLY_WITH.items():
+        if config[key] and config[other] != reads_it:  # each is off (empty, 0) by default
+            return (f'{key}={config[key]!r} is read only with {other}={reads_it!r}: '
+                    f'add --{other}={reads_it}, or leave {key} out')
     return ''

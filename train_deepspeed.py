@@ -174,6 +174,7 @@ with user_errors():
     if saved:  # the nodes agree on a tag; every rank checks its own files
         saved = checkpoints.check_before_load(saved, ds_config, world_size, node_disks)
     shape = start_shape(init_from, scratch_args, overrides, saved and saved['model_args'])
+    checkpoints.check_disk(out_dir, shape, dtype, min_free_disk_mb)  # before any training it would lose
     data_sources.check_token_ids(sources, shape.vocab_size)
     if time_bf16:  # every rank times bf16 against fp32 on a block of this model (or keeps the checkpoint's)
         dtype, dtype_why = settle_cpu_dtype(shape, batch_size, saved, ds_config)

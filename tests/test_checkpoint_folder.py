@@ -1,7 +1,7 @@
 """The checkpoint folder (out_dir) never holds a save that cannot be resumed from, and never loses the last
 good one. Saves rotate: the newest keep_last_n iter_* tags stay, with the best-val tag and 'final', and
-nothing half-written is left behind. A save that would not fit on the disk (with min_free_disk_mb to spare)
-stops the run before writing anything, in one error line. A damaged shard, even one torch.load would read
+nothing half-written is left behind. A run whose first save would not fit on the disk (with min_free_disk_mb
+to spare) stops before training, in one error line. A damaged shard, even one torch.load would read
 without complaint, is found before loading and named in one error line with the tags to resume from
 instead. (A kill between parking the old 'final' and renaming the new save into place: test_kill_safe.)
 Each test works on one finished real 2-rank DeepSpeed run on CPU (gloo), the saved_run fixture, or a copy
@@ -33,7 +33,7 @@ def test_rotation_keeps_the_newest_the_best_and_final(saved_run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['final', 'iter_10', 'iter_12', 'iter_2', 'iter_9.partial']
 
 
-def test_full_disk_stops_before_writing(saved_run, tmp_path):
+def test_full_disk_stops_before_training(saved_run, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(saved_run[0], out)
     before = snapshot(out, ignore_logs=True)
@@ -42,10 +42,19 @@ def test_full_disk_stops_before_writing(saved_run, tmp_path):
     line = one_error(proc)
     assert f'error: {out} has' in line
     assert 'free, a checkpoint needs about 1.7 MiB plus min_free_disk_mb=' in line
-    assert 'stopped before writing it' in line and '--init_from=resume' in line
+    assert 'stopped before training' in line
     assert snapshot(out, ignore_logs=True) == before
     trained = [r['iter'] for r in metrics(out) if 'loss' in r]
-    assert trained[-1] == 11  # it trained up to the save, then stopped
+    assert trained[-1] == 9  # nothing more: the run it resumed from ended at iter 9
+
+
+def test_a_save_without_room_suggests_resuming_only_from_something(saved_run, tmp_path):
+    """The same check at a save (the disk filled up during the run): resume when there is a checkpoint, else
+    start again."""
+    fresh = checkpoints.disk_shortfall(str(tmp_path / 'new'), 10**6, 'float32', 2**40)
+    assert 'stopped before writing it' in fresh and 'nothing was saved to resume from' in fresh
+    assert '--init_from=resume' not in fresh
+    assert '--init_from=resume' in checkpoints.disk_shortfall(str(saved_run[0]), 10**6, 'float32', 2**40)
 
 
 @pytest.mark.parametrize('damage', ['flip', 'truncate'])
