@@ -10,8 +10,8 @@ one plain-text document. A .gz ending means gzip (*.jsonl.gz, *.txt.gz). Text mu
 
 NAME: data/NAME, or a folder path. It gets train.bin and val.bin (uint16 token ids, each document followed by
 an end-of-text token: GPT-2's 50256 for --tokenizer gpt2; for --tokenizer char, the id after the corpus's
-characters), meta.pkl for --tokenizer char (vocab_size, itos, stoi as data/shakespeare_char has them, and the
-separator's id), and prepare.json: the sources, documents and tokens per split, the settings, what was
+characters), meta.json for --tokenizer char (vocab_size, itos, stoi as data/shakespeare_char has them, and
+the separator's id), and prepare.json: the sources, documents and tokens per split, the settings, what was
 skipped. Everything is written to NAME.partial first and moved into place when complete; an existing dataset
 is replaced only with --force.
 
@@ -37,7 +37,6 @@ import functools
 import json
 import multiprocessing
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -50,11 +49,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(1, os.path.join(REPO, 'data'))  # its helpers beside it, also when not run as a script (tests)
 from corpus_reading import SPLITS, Report, find_sources, plan_units, read_unit, span_bytes  # noqa: E402
-from data_sources import folder  # noqa: E402
+from data_sources import folder, write_meta  # noqa: E402
 from dataset_joining import Skipped, balance, concatenate, keep_units, split_tail, unit_file  # noqa: E402
 from tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_encoding  # noqa: E402
 
-OUTPUTS = ('train.bin', 'val.bin', 'meta.pkl', 'prepare.json')  # what a dataset folder gets from here
+# what a dataset folder gets from here (an older run's meta.pkl, which nanoGPT's format was, is removed)
+OUTPUTS = ('train.bin', 'val.bin', 'meta.json', 'meta.pkl', 'prepare.json')
 FLUSH_TOKENS = 1 << 20  # tokens a unit buffers before writing them out
 
 
@@ -282,13 +282,13 @@ def install(partial, dest):
         target = os.path.join(dest, name)
         if os.path.exists(os.path.join(partial, name)):
             os.replace(os.path.join(partial, name), target)
-        elif os.path.exists(target):  # e.g. a character vocabulary's meta.pkl, wrong for GPT-2 tokens
+        elif os.path.exists(target):  # e.g. a character vocabulary, wrong for GPT-2 tokens
             os.remove(target)
     shutil.rmtree(partial)
 
 
 def character_vocabulary(work, num_proc):
-    """The first pass of --tokenizer char: meta.pkl's dict, from every character of the documents kept.
+    """The first pass of --tokenizer char: the vocabulary's dict, from every character of the documents kept.
     Sets work up to tokenize with it."""
     work.count_chars = True
     reports = run_units(work, num_proc, 'characters')
@@ -343,7 +343,7 @@ def main(argv=None):
 
 
 def prepare(args, sources, partial, started):
-    """Tokenizes the sources into partial: train.bin, val.bin, meta.pkl (char), prepare.json."""
+    """Tokenizes the sources into partial: train.bin, val.bin, meta.json (char), prepare.json."""
     units_folder = os.path.join(partial, 'units')
     os.makedirs(units_folder)
     work = Work(sources, plan_units(sources), units_folder, args.seed, args.val_fraction, args.text_field,
@@ -379,8 +379,7 @@ def prepare(args, sources, partial, started):
         print(moved)
     shutil.rmtree(units_folder)
     if meta:
-        with open(os.path.join(partial, 'meta.pkl'), 'wb') as f:
-            pickle.dump(meta, f)
+        write_meta(partial, meta)  # JSON: a dataset read by the trainer runs no code (data_sources.read_meta)
     summary = {
         'inputs': args.inputs,
         'sources': [s.path for s in sources],

@@ -70,7 +70,7 @@ def main(doc, folder, tokenizer):
 def prepare_from_text(args, folder, tokenizer):
     """The Shakespeare text (as parse_args' --input and --offline say) into folder through data/prepare.py:
     the text goes to folder/input.txt (unless --input names a file) and becomes folder's train.bin and
-    val.bin (and meta.pkl for tokenizer 'char'), replacing what a run before wrote."""
+    val.bin (and meta.json for tokenizer 'char'), replacing what a run before wrote."""
     text, source = load_text(args.input, args.offline)
     print(f'{source}: {len(text):,} characters')
     path = args.input or os.path.join(folder, 'input.txt')

@@ -47,7 +47,7 @@ def test_trains_and_checkpoints(saved_run, saved_run_zero3, stage):
     assert sorted(os.listdir(final)) == sorted(checkpoints.shard_files(final) + [checkpoints.CHECKSUMS])
     state = checkpoints.read_client_state(final)
     assert state['iter_num'] == 10 and state['model_args']['n_layer'] == 2 and len(state['rng_states']) == 2
-    assert state['model_args']['vocab_size'] == 85  # from data/shakespeare_char/meta.pkl, not GPT-2's 50304
+    assert state['model_args']['vocab_size'] == 85  # from data/shakespeare_char/meta.json, not GPT-2's 50304
     assert state['config']['max_iters'] == 10
     assert state['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
     if stage == 3:  # the same model as ZeRO-2's

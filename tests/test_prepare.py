@@ -8,7 +8,6 @@ import gzip
 import importlib.util
 import json
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+import data_sources
 from conftest import BIN, REPO, TINY, env, launch, metrics, ok, one_error, run, snapshot
 from tokenizer import EOT_TOKEN, gpt2_encoding, load_codec
 
@@ -46,7 +46,7 @@ def make_documents(count, seed=0, lines=3):
 def shakespeare(characters):
     """The start of data/shakespeare_char's text, decoded from its train.bin."""
     folder = os.path.join(REPO, 'data', 'shakespeare_char')
-    _, decode = load_codec(os.path.join(folder, 'meta.pkl'))
+    _, decode = load_codec(data_sources.vocabulary_file(folder))  # meta.json, or one prepared before it
     ids = np.fromfile(os.path.join(folder, 'train.bin'), dtype=np.uint16)[:characters]
     return decode(ids.tolist())
 
@@ -99,7 +99,7 @@ def read_json(folder):
 
 def test_every_document_comes_back_once_whole_in_one_split(tmp_path):
     """GPT-2 BPE: train.bin and val.bin decode to every document of every kind of input exactly once, each
-    in one split and followed by 50256; prepare.json counts them; no meta.pkl (that is how the trainer knows
+    in one split and followed by 50256; prepare.json counts them; no meta.json (that is how the trainer knows
     BPE); nothing is left beside the dataset."""
     documents = make_documents(30)
     dest = tmp_path / 'ds'
@@ -119,16 +119,16 @@ def test_every_document_comes_back_once_whole_in_one_split(tmp_path):
 
 
 def test_character_vocabulary_with_a_separator(tmp_path):
-    """--tokenizer char: meta.pkl holds every character of the corpus in sorted order (ids 0..n-1, as
+    """--tokenizer char: meta.json holds every character of the corpus in sorted order (ids 0..n-1, as
     data/shakespeare_char has them) and a separator id n of its own that decodes as <|endoftext|>; the splits
-    decode back to the documents, each ended by it."""
+    decode back to the documents, each ended by it. It is JSON, not nanoGPT's pickle: no dataset runs code."""
     documents = ['Zebra crossing.\n', 'été à Paris\n', 'tab\there\n', 'naïve café ✓\n']
     for i, text in enumerate(documents):
         (tmp_path / f'{i}.txt').write_text(text)
     dest = tmp_path / 'chars'
     summary = prepare_main(tmp_path / '*.txt', '--name', dest, '--tokenizer', 'char', '--num_proc', 1)
-    with open(dest / 'meta.pkl', 'rb') as f:
-        meta = pickle.load(f)
+    assert sorted(os.listdir(dest)) == ['meta.json', 'prepare.json', 'train.bin', 'val.bin']
+    meta = data_sources.read_meta(str(dest / 'meta.json'))
     chars = sorted(set(''.join(documents)))
     separator = len(chars)
     assert meta['separator'] == separator == summary['end_of_text']
@@ -160,7 +160,7 @@ def test_character_codec_round_trips_the_separator(tmp_path):
     (tmp_path / 'a.txt').write_text('ab\n')
     (tmp_path / 'b.txt').write_text('ba\n')
     prepare_main(tmp_path / '*.txt', '--name', tmp_path / 'ds', '--tokenizer', 'char')
-    encode, decode = load_codec(str(tmp_path / 'ds' / 'meta.pkl'))
+    encode, decode = load_codec(str(tmp_path / 'ds' / 'meta.json'))
     separator = 3  # after \n, a and b
     prompt = '<|endoftext|>ab\n<|endoftext|>'
     assert encode(prompt) == [separator, 1, 2, 0, separator]
@@ -296,13 +296,14 @@ def test_nothing_usable_is_one_error_line(tmp_path):
 
 def test_an_existing_dataset_needs_force(tmp_path):
     """A folder with a train.bin is not touched without --force (the error names it); with --force the new
-    files replace the old, a character vocabulary's meta.pkl goes when the new one is BPE, and the
-    folder's other files stay."""
+    files replace the old, a character vocabulary (meta.json, or an old meta.pkl) goes when the new one is
+    BPE, and the folder's other files stay."""
     for i, text in enumerate(make_documents(4)):
         (tmp_path / f'{i}.txt').write_text(text)
     dest = tmp_path / 'ds'
     prepare_main(tmp_path / '*.txt', '--name', dest, '--tokenizer', 'char')
     (dest / 'notes.md').write_text('mine')
+    (dest / 'meta.pkl').write_bytes(b'what nanoGPT wrote here before')
     before = snapshot(dest)
     with pytest.raises(ValueError, match='already holds a dataset: add --force'):
         prepare_main(tmp_path / '*.txt', '--name', dest)

@@ -2,7 +2,7 @@
 Shakespeare in GPT-2 BPE tokens (tiktoken, offline-capable): train.bin and val.bin (uint16 ids), first 90%
 train, the rest val.
     python data/shakespeare/prepare.py [--input FILE] [--offline]
-No meta.pkl: its absence tells the trainer and sample.py to use GPT-2's BPE and 50257 tokens.
+No meta.json: its absence tells the trainer and sample.py to use GPT-2's BPE and 50257 tokens.
 """
 import os
 import sys

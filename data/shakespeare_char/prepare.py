@@ -1,5 +1,5 @@
 """
-Shakespeare at the character level: train.bin, val.bin (uint16 ids) and meta.pkl (the vocabulary, and the
+Shakespeare at the character level: train.bin, val.bin (uint16 ids) and meta.json (the vocabulary, and the
 end-of-text separator data/prepare.py adds), first 90% train, the rest val.
     python data/shakespeare_char/prepare.py [--input FILE] [--offline]
 """
