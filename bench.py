@@ -35,6 +35,7 @@ import data_sources
 from ds_setup import die, user_errors
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
 from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
+from settings import check_values
 
 LEVERS = {  # name -> (its row's suffix, the trainer's arguments for it)
     'no_phase_timers': ('no phase timers', ('--time_phases=False',)),  # what time_phases costs
@@ -70,14 +71,35 @@ nanogpt = ''  # a checkout of nanoGPT (its train.py, model.py, configurator.py):
 from configurator import configure
 
 configure(globals())
-# every row's batch split, checked before anything is timed
+
+
+def listed(name, text, allowed):
+    """The numbers of a comma-separated option like --stages=0,2,3; ValueError naming any other."""
+    items = [item.strip() for item in text.split(',') if item.strip()]
+    wrong = [item for item in items if not item.isdigit() or int(item) not in allowed]
+    if wrong:
+        raise ValueError(f"{name}={text!r}: {', '.join(wrong)} cannot work; give numbers from "
+                         f'{allowed.start} to {allowed.stop - 1}, comma-separated, like --{name}=1,2')
+    return [int(item) for item in items]
+
+
+# every setting and every row's batch split, checked before anything is timed
+with user_errors():
+    check_values(globals(), at_least=dict(n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1,
+                                          global_batch=1, iters=1, warmup_iters=0, repeats=1),
+                 named=('dataset',))
+    stage_list, world_list = listed('stages', stages, range(4)), listed('worlds', worlds, range(1, 1025))
+    data_sources.resolve(dataset, block_size)  # its .bin files there and long enough
+if n_embd % n_head:
+    die(f'n_embd={n_embd} does not split into n_head={n_head} heads: use a multiple, like '
+        f'--n_embd={max(n_head, n_embd // n_head * n_head)}')
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    die(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
 unknown = [lever for lever in levers.split(',') if lever and lever not in LEVERS]
 if unknown:
     die(f"levers: unknown {', '.join(unknown)}; use some of {','.join(LEVERS)} (or '' for none)")
 if global_batch % batch_size:
     die(f'global_batch={global_batch} is not a multiple of batch_size={batch_size}')
-stage_list = [int(stage) for stage in stages.split(',') if stage]
-world_list = [int(ranks) for ranks in worlds.split(',') if ranks]
 for ranks in world_list:
     if global_batch % (batch_size * ranks):
         die(f'global_batch={global_batch} does not split into micro batches of {batch_size} '

@@ -145,25 +145,33 @@ def resolve(dataset, block_size):
 
 
 def how_to_prepare(where, tokenizer=''):
-    """The command that makes a dataset folder: its own prepare.py (the Shakespeare ones), else
-    data/prepare.py (with --tokenizer, when given)."""
+    """The command that makes a dataset folder, as typed in the project's root: its own prepare.py (the
+    Shakespeare ones), else data/prepare.py (with --tokenizer, when given) and the dataset's name."""
     own = os.path.join(where, 'prepare.py')
     if os.path.isfile(own):
-        return f'python {own}'
+        return f'python {typeable(own)}'
     option = f' --tokenizer {tokenizer}' if tokenizer else ''
-    return f'python data/prepare.py YOUR_FILES --name {where}{option}'
+    under_data = os.path.dirname(os.path.abspath(where)) == os.path.join(HERE, 'data')
+    name = os.path.basename(where) if under_data else typeable(where)  # folder()'s rule, the other way
+    return f'python data/prepare.py YOUR_FILES --name {name}{option}'
+
+
+def typeable(path):
+    """A path as a user types it in the project's root: relative to it when inside it, else as given."""
+    inside = os.path.abspath(path).startswith(HERE + os.sep)
+    return os.path.relpath(os.path.abspath(path), HERE) if inside else path
 
 
 def check_bin(path, block_size, prepare):
     if not os.path.isfile(path):
-        raise ValueError(f'{path} not found: run {prepare}')
+        raise ValueError(f'{typeable(path)} not found: run {prepare}')
     size = os.path.getsize(path)
     if size % 2:
-        raise ValueError(f'{path} has {size:,} bytes, an odd number: it is not uint16 token ids; '
+        raise ValueError(f'{typeable(path)} has {size:,} bytes, an odd number: it is not uint16 token ids; '
                          f'make it again with {prepare}')
     if size // 2 < block_size + 1:
-        raise ValueError(f'{path} holds {size // 2:,} tokens, fewer than block_size + 1 = {block_size + 1}: '
-                         f'use more text or a smaller --block_size')
+        raise ValueError(f'{typeable(path)} holds {size // 2:,} tokens, fewer than block_size + 1 = '
+                         f'{block_size + 1}: use more text or a smaller --block_size')
 
 
 def vocabulary(where):

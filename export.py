@@ -8,6 +8,9 @@ writes into export_dir:
   meta.json                        the character vocabulary, for character-level runs
 Any ZeRO stage (0-3), any number of ranks, fp32/bf16/fp16 runs: checkpoints.load_model reads the shards.
 """
+from configurator import answer_help
+
+answer_help(__file__)  # --help or -h: the settings below, read from this file, before torch loads
 import os
 import shutil
 import sys
@@ -17,6 +20,7 @@ import torch
 import checkpoints
 import data_sources
 from ds_setup import die, user_errors
+from settings import check_values
 
 out_dir = 'out-shakespeare-xl-deepspeed'  # the run's out_dir (a tag folder inside it works too)
 tag = ''  # e.g. 'iter_10'; empty: the tag that out_dir/latest names
@@ -42,6 +46,7 @@ if __name__ == '__main__':
     from configurator import configure
     configure(globals())
     with user_errors():
+        check_values(globals(), named=('out_dir',))
         out_dir, tag = checkpoints.find(out_dir, tag)
     export_dir = export_dir or f'{os.path.normpath(out_dir)}-{tag}'
     taken = os.path.isfile(export_dir) or (os.path.isdir(export_dir) and os.listdir(export_dir))

@@ -91,6 +91,8 @@ if __name__ == '__main__':
         out_dir = args.pop(0)
     configure(globals(), args)
     try:
+        from settings import check_values
+        check_values(globals(), named=('out_dir',))
         path = plot_run(out_dir)
     except ValueError as e:
         from ds_setup import die  # only now: it loads torch, which a plot needs not

@@ -5,6 +5,9 @@ $ python sample.py --out_dir=out-shakespeare-char-cpu --tag=iter_500
 $ python sample.py --init_from=gpt2-xl-shakespeare                 # what export.py wrote (or its ckpt.pt)
 $ python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt"   # OpenAI's weights, a transformers folder
 """
+from configurator import answer_help
+
+answer_help(__file__)  # --help or -h: the settings below, read from this file, before torch loads
 import os
 import sys
 from contextlib import nullcontext, redirect_stdout
@@ -29,16 +32,24 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 # 'float32', 'bfloat16' or 'float16'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import configure
 
 configure(globals())
-import checkpoints  # noqa: E402
-import data_sources  # noqa: E402
-from ds_setup import die, user_errors  # noqa: E402
-from tokenizer import load_codec, prompt_ids  # noqa: E402
+import checkpoints
+import data_sources
+from ds_setup import die, user_errors
+from settings import check_values
+from tokenizer import load_codec, prompt_ids
 
+with user_errors():  # before a checkpoint is read
+    check_values(globals(), at_least={'num_samples': 1, 'max_new_tokens': 1, 'top_k': 0, 'seed': 0},
+                 positive={'temperature': 0.8}, named=('init_from', 'out_dir', 'device'))
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+try:
+    torch.device(device)
+except RuntimeError:
+    die(f"device={device!r} is no device torch knows: use --device=cpu, or cuda / cuda:N with a GPU")
 if device.startswith('cuda') and not torch.cuda.is_available():
     die(f'device={device!r} but no GPU is visible: use --device=cpu')
 
@@ -71,8 +82,11 @@ with user_errors():
     encode, decode = load_codec(meta_path)
 gpt2_bpe = not meta_path
 if start.startswith('FILE:'):
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"--start={start}: cannot read '{start[5:]}' ({e.__class__.__name__}): name a UTF-8 text file")
 try:
     start_ids = prompt_ids(encode, start)
 except ValueError as e:

@@ -1,6 +1,7 @@
-"""Every bad input the trainer and its launcher script check, in one table. The contract for each: ONE line
-starting 'error:' that names the problem and the fix, a non-zero exit, and out_dir untouched (here it holds a
-finished run's checkpoint, which must be byte-for-byte the same afterwards, with no file added or removed).
+"""Every bad input the trainer, its launcher script and the other commands check, in a table each. The
+contract for each: ONE line starting 'error:' that names the problem and the fix, a non-zero exit, and out_dir
+untouched (here it holds a finished run's checkpoint, which must be byte-for-byte the same afterwards, with no
+file added or removed).
 
 The trainer's cases run as plain `python train_deepspeed.py` (a world of one): every check here happens before
 training, so the 2-rank launcher would only add start-up time. The one 2-rank run is the finished run
@@ -351,3 +352,44 @@ def test_launcher_script_refuses(case, tmp_path, finished_run):
     assert 'running:' not in proc.stdout  # stopped before anything was launched
     for phrase in LAUNCHER_CASES[case][1]:
         assert phrase.format(tmp=tmp_path) in line, (phrase, line)
+
+
+# The other commands: each number or name that cannot work, one line before anything is read or written (the
+# sample and export cases name the finished run's copy, which must stay as it was). Each case: (the command
+# and its arguments, given the copied out_dir; phrases the line must hold).
+COMMAND_CASES = {
+    'sample_no_samples': (lambda out: ['sample.py', f'--out_dir={out}', '--num_samples=0'],
+                          ['num_samples=0 cannot work', '--num_samples=1']),
+    'sample_no_new_tokens': (lambda out: ['sample.py', f'--out_dir={out}', '--max_new_tokens=-3'],
+                             ['--max_new_tokens=1']),
+    'sample_temperature': (lambda out: ['sample.py', f'--out_dir={out}', '--temperature=0'],
+                           ['temperature=0.0 cannot work', 'positive --temperature']),
+    'sample_top_k': (lambda out: ['sample.py', f'--out_dir={out}', '--top_k=-5'], ['--top_k=0']),
+    'sample_device': (lambda out: ['sample.py', f'--out_dir={out}', '--device=tpu'],
+                      ["device='tpu' is no device torch knows", '--device=cpu']),
+    'sample_empty_out_dir': (lambda out: ['sample.py', '--out_dir='], ["out_dir='' names nothing"]),
+    'sample_prompt_file': (lambda out: ['sample.py', f'--out_dir={out}', '--start=FILE:'],
+                           ['--start=FILE:', 'name a UTF-8 text file']),
+    'export_empty_out_dir': (lambda out: ['export.py', '--out_dir='], ["out_dir='' names nothing"]),
+    'bench_iters': (lambda out: ['bench.py', '--iters=0'], ['--iters=1']),
+    'bench_stages': (lambda out: ['bench.py', '--stages=0,5'], ["stages='0,5': 5 cannot work", '0 to 3']),
+    'bench_worlds': (lambda out: ['bench.py', '--worlds=two'], ["worlds='two'"]),
+    'bench_heads': (lambda out: ['bench.py', '--n_embd=255'], ['--n_embd=252']),
+    'bench_dataset': (lambda out: ['bench.py', '--dataset=nope'],
+                      ['data/nope/train.bin not found', '--name nope']),
+    'plot_empty_out_dir': (lambda out: ['plot.py', ''], ["out_dir='' names nothing"]),
+    'prepare_empty_name': (lambda out: ['data/prepare.py', 'README.md', '--name', ''], ['--name is empty']),
+    'prepare_typo': (lambda out: ['data/prepare.py', 'README.md', '--nme', 'x'], ['did you mean --name?']),
+}
+
+
+@pytest.mark.parametrize('case', list(COMMAND_CASES))
+def test_other_commands_refuse(case, tmp_path, finished_run):
+    args, phrases = COMMAND_CASES[case]
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    line = one_error(run([sys.executable, *args(out)], timeout=120, environ=OFFLINE))
+    assert snapshot(out) == before
+    for phrase in phrases:
+        assert phrase in line, (phrase, line)

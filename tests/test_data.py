@@ -1,5 +1,6 @@
 """The prepared Shakespeare data and the offline GPT-2 tokenizer: real files, real tiktoken."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,3 +76,24 @@ def test_prepare_from_a_local_file(tmp_path):
     val = np.fromfile(work / 'shakespeare_char' / 'val.bin', dtype=np.uint16)
     assert len(train) == 900 and len(val) == 101 and train[:5].tolist() == [0, 1, 2, 0, 1]
     assert val[-1] == 3  # the separator, after a, b and c
+
+
+@pytest.mark.parametrize('given', ['name', 'data/name'])
+def test_a_missing_dataset_names_the_command_that_makes_it(tmp_path, given):
+    """The error's command is typed as a user would (the dataset's name, not an absolute path) and, pasted in
+    the project's root with YOUR_FILES replaced by a text file, makes the dataset the run asked for."""
+    name = f'pasted_hint_{os.getpid()}'
+    dataset = given.replace('name', name)
+    try:
+        with pytest.raises(ValueError) as refused:
+            data_sources.resolve(dataset, 8)
+        line = str(refused.value)
+        assert line == f'data/{name}/train.bin not found: run python data/prepare.py YOUR_FILES --name {name}'
+        (tmp_path / 'mine.txt').write_text('Some text of my own, long enough for a few windows.\n' * 40)
+        pasted = line.split('run ', 1)[1].replace('YOUR_FILES', str(tmp_path / 'mine.txt'))
+        made = subprocess.run([sys.executable, *pasted.split()[1:]], cwd=REPO, capture_output=True,  # python
+                              text=True)
+        assert made.returncode == 0, made.stderr
+        assert list(data_sources.resolve(dataset, 8)) == [dataset]
+    finally:
+        shutil.rmtree(os.path.join(REPO, 'data', name), ignore_errors=True)
