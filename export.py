@@ -6,7 +6,7 @@ writes into export_dir:
   config.json, model.safetensors   a transformers GPT2LMHeadModel folder (from_pretrained(export_dir))
   vocab.json, merges.txt, ...      GPT-2's tokenizer, for runs on GPT-2 BPE tokens
   meta.json                        the character vocabulary, for character-level runs
-Any ZeRO stage (0-3), any number of ranks, fp32/bf16/fp16 runs: checkpoints.load_model reads the shards.
+Any ZeRO stage (0-3), any number of ranks, fp32/bf16/fp16 runs: consolidate.load_model reads the shards.
 """
 from configurator import answer_help
 
@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-import checkpoints
+import consolidate
 import data_sources
 from ds_setup import die, user_errors
 from settings import check_values
@@ -47,14 +47,14 @@ if __name__ == '__main__':
     configure(globals())
     with user_errors():
         check_values(globals(), named=('out_dir',))
-        out_dir, tag = checkpoints.find(out_dir, tag)
+        out_dir, tag = consolidate.find(out_dir, tag)
     export_dir = export_dir or f'{os.path.normpath(out_dir)}-{tag}'
     taken = os.path.isfile(export_dir) or (os.path.isdir(export_dir) and os.listdir(export_dir))
     if taken:
         die(f'{export_dir} already exists and is not empty: pick a new --export_dir (nothing was written)')
     with user_errors():
-        model, client = checkpoints.load_model(out_dir, tag)
-        meta = data_sources.read_meta(checkpoints.vocabulary_of(out_dir, client))  # checked before writing
+        model, client = consolidate.load_model(out_dir, tag)
+        meta = data_sources.read_meta(consolidate.vocabulary_of(out_dir, client))  # checked before writing
     # write beside, then rename: an interrupted export leaves no half-written export_dir behind
     partial = f'{os.path.normpath(export_dir)}.partial'
     shutil.rmtree(partial, ignore_errors=True)

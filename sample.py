@@ -35,7 +35,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 from configurator import configure
 
 configure(globals())
-import checkpoints
+import consolidate
 import data_sources
 from ds_setup import die, user_errors
 from settings import check_values
@@ -56,10 +56,10 @@ if device.startswith('cuda') and not torch.cuda.is_available():
 meta_path = None
 if init_from == 'resume':  # consolidate the ZeRO shards in memory, exactly as export.py does
     with user_errors():
-        out_dir, tag = checkpoints.find(out_dir, tag)
+        out_dir, tag = consolidate.find(out_dir, tag)
         with redirect_stdout(sys.stderr):  # zero_to_fp32's progress lines; stdout carries only the samples
-            model, client = checkpoints.load_model(out_dir, tag)
-    meta_path = checkpoints.vocabulary_of(out_dir, client)
+            model, client = consolidate.load_model(out_dir, tag)
+    meta_path = consolidate.vocabulary_of(out_dir, client)
     source = f"{out_dir}/{tag} (iter {client.get('iter_num')})"
 elif init_from.endswith('.pt') or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
     path = init_from if init_from.endswith('.pt') else os.path.join(init_from, 'ckpt.pt')

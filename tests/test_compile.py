@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-import checkpoints
+import consolidate
 from conftest import SAVED_RUN, launch, metrics, ok
 from ds_setup import resolve_compile
 
@@ -44,7 +44,7 @@ def test_eager_and_compiled_checkpoints_resume_each_other(saved_run, tmp_path):
     assert 'ZeRO-2, float32' in proc.stdout and 'compile: on' in proc.stdout
     compiled = metrics(out)[len(metrics(eager)):]
     assert_eager_losses(compiled, eager, resumed_at=6)
-    model, client = checkpoints.load_model(str(out), 'final')  # what export.py reads: the eager names
+    model, client = consolidate.load_model(str(out), 'final')  # what export.py reads: the eager names
     assert client['config']['compile'] is True and model.get_num_params() > 0
 
     proc = ok(launch([*SAVED_RUN, f'--out_dir={out}', '--init_from=resume', '--resume_tag=iter_8',

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoints
+import consolidate
 import data_sources
 
 from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, one_error
@@ -177,7 +178,7 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     proc = ok(launch([*resume, '--resume_tag=final_universal', '--eval_only=True'], ranks=1))
     said = re.search(r'rank 0 of 1 has train loss (\S+), val loss (\S+)', proc.stdout)
     train, val = map(float, said.groups())
-    expected = expected_eval(checkpoints.load_model(str(out), 'final')[0], ranks=1)
+    expected = expected_eval(consolidate.load_model(str(out), 'final')[0], ranks=1)
     assert abs(train - expected['train']) <= 1e-5 and abs(val - expected['val']) <= 1e-5
 
     (out / 'final.partial').mkdir()  # the remains of a save killed half-way: cleared, never mixed in
