@@ -139,7 +139,8 @@ def parse_overrides(argv, defaults, also=None):
             continue
         key, eq, raw = arg[2:].partition('=')
         if not eq:
-            raise ValueError(f"'{arg}': overrides are written --key=value (--help lists the keys)")
+            written = f'--{key}=True' if isinstance(defaults.get(key), bool) else '--key=value'
+            raise ValueError(f"'{arg}': overrides are written {written} (--help lists the keys)")
         try:
             value = ast.literal_eval(raw)
         except (SyntaxError, ValueError):

@@ -31,6 +31,7 @@ cpu_demo=0; dry_run=0; hostfile=""; node_rank=""; master_addr=""; num_gpus=""; m
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage ;;
+    --cpu_demo|--dry_run) fail "$1: did you mean ${1//_/-}? (./run_deepspeed_xl.sh --help lists this script's options)" ;;
     --cpu-demo) cpu_demo=1 ;;
     --dry-run) dry_run=1 ;;
     --hostfile) [ $# -ge 2 ] || fail "--hostfile needs a file"; hostfile="$2"; shift ;;

@@ -90,6 +90,12 @@ def test_prepare_help_and_typo():
     assert 'did you mean --name?' in line
 
 
+def test_a_flag_without_its_value_says_how_to_write_it():
+    assert "'--dry_run': overrides are written --dry_run=True" in one_error(run(
+        [sys.executable, 'train_deepspeed.py', '--dry_run'], timeout=60))
+    assert 'did you mean --cpu-demo?' in one_error(sh('--cpu_demo'))  # the launcher script's own option
+
+
 def test_launcher_script_help_without_a_gpu():
     proc = sh('--help')
     assert proc.returncode == 0 and 'error' not in proc.stdout
