@@ -57,13 +57,9 @@ def problem(config):
     if config['wandb_log'] and not config['wandb_project'].strip():
         return "wandb_project='' with wandb_log=True: name the project, like --wandb_project=my-runs"
     learning_rate, floor = config['learning_rate'], config['min_lr']
-    warmup, decay_end = config['warmup_iters'], config['lr_decay_iters']
-    if config['decay_lr'] and floor > learning_rate:
+    if config['decay_lr'] and floor > learning_rate:  # e.g. a config file's min_lr, a lower --learning_rate
         return (f'min_lr={floor:g} is above learning_rate={learning_rate:g}: the cosine would climb; use a '
                 f'lower --min_lr, like {learning_rate / 10:g}')
-    if config['decay_lr'] and decay_end < warmup:
-        return (f'lr_decay_iters={decay_end} ends before warmup_iters={warmup} does: the rate would drop to '
-                f"min_lr right after warmup; use --lr_decay_iters={max(config['max_iters'], warmup)}")
     n_embd, n_head = config['n_embd'], config['n_head']
     if config['init_from'] == 'scratch' and n_embd % n_head:
         nearest = max(n_head, n_embd // n_head * n_head)
