@@ -11,8 +11,10 @@ may follow another unless given (FOLLOW).
 """
 import ast
 import glob
+import io
 import os
 import sys
+import tokenize
 
 ALSO = {'dataset': dict, 'compile': bool}  # train_deepspeed.py's text settings that take another type too
 # train_deepspeed.py's settings that are usually another one's value: unless given (in a config file or on the
@@ -25,8 +27,6 @@ def settings_block(script):
     """[(name, value as written, comment)] for each setting of a script, and (None, None, comment) for each
     comment line among them (a section's title), read from its source alone, nothing run. The block ends
     where the script applies its overrides (its `from configurator import configure`) or defines something."""
-    import io
-    import tokenize
     source = open(script).read()
     comments = {token.start[0]: token.string.lstrip('#').strip()
                 for token in tokenize.generate_tokens(io.StringIO(source).readline)
