@@ -35,7 +35,7 @@ import data_sources
 from ds_setup import die, user_errors
 from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
 from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
-from settings import check_values
+from settings import DTYPES, check_values, heads_problem
 
 LEVERS = {  # name -> (its row's suffix, the trainer's arguments for it)
     'no_phase_timers': ('no phase timers', ('--time_phases=False',)),  # what time_phases costs
@@ -87,14 +87,12 @@ def listed(name, text, allowed):
 with user_errors():
     check_values(globals(), at_least=dict(n_layer=1, n_head=1, n_embd=1, block_size=1, batch_size=1,
                                           global_batch=1, iters=1, warmup_iters=0, repeats=1),
-                 named=('dataset',))
+                 named=('dataset',), choices={'dtype': DTYPES})
     stage_list, world_list = listed('stages', stages, range(4)), listed('worlds', worlds, range(1, 1025))
     data_sources.resolve(dataset, block_size)  # its .bin files there and long enough
-if n_embd % n_head:
-    die(f'n_embd={n_embd} does not split into n_head={n_head} heads: use a multiple, like '
-        f'--n_embd={max(n_head, n_embd // n_head * n_head)}')
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    die(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+heads = heads_problem(n_embd, n_head)
+if heads:
+    die(heads)
 unknown = [lever for lever in levers.split(',') if lever and lever not in LEVERS]
 if unknown:
     die(f"levers: unknown {', '.join(unknown)}; use some of {','.join(LEVERS)} (or '' for none)")

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ds_keys import refuse_unread
 from model import Block, GPTConfig
 from perf import matmul_flops
+from settings import DTYPES
 
 # a bf16 step also keeps fp32 master weights and converts them: its block must be this much faster than fp32's
 # to pay for the optimizer step and the head
@@ -137,7 +138,7 @@ def resolve_dtype(config, on_gpu, local_rank):
     bf16_native = not on_gpu and cpu_bf16_native()
     time_bf16 = dtype == 'auto' and bf16_native and not planning_gpus
     dtype, why = choose_dtype(dtype, on_gpu, gpu_major, bf16_native, planning_gpus)
-    if dtype not in ('float32', 'bfloat16', 'float16'):
+    if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'float16' or 'auto'")
     if dtype == 'float16' and not on_gpu and not dry_run:  # planning for GPUs elsewhere may name it
         raise ValueError("dtype='float16' needs a GPU (DeepSpeed has no fp16 on CPU): use --dtype=bfloat16 "

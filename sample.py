@@ -38,14 +38,13 @@ configure(globals())
 import consolidate
 import data_sources
 from ds_setup import die, user_errors
-from settings import check_values
+from settings import DTYPES, check_values
 from tokenizer import load_codec, prompt_ids
 
 with user_errors():  # before a checkpoint is read
     check_values(globals(), at_least={'num_samples': 1, 'max_new_tokens': 1, 'top_k': 0, 'seed': 0},
-                 positive={'temperature': 0.8}, named=('init_from', 'out_dir', 'device'))
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    die(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+                 positive={'temperature': 0.8}, named=('init_from', 'out_dir', 'device'),
+                 choices={'dtype': DTYPES})
 try:
     torch.device(device)
 except RuntimeError:

@@ -15,6 +15,7 @@ AT_LEAST = {
     'gpu_mem_cap_gb': 0.0,
 }
 BELOW_ONE = ('dropout', 'beta1', 'beta2')  # fractions in [0, 1)
+DTYPES = ('float32', 'bfloat16', 'float16')  # what the commands compute in (the trainer also takes 'auto')
 NAMED = ('dataset',)  # text that must name something (init_from, dtype...: refused later, with the choices)
 # setting -> (the setting it is read with, the value that reads it): given without that, it would do nothing
 READ_ONLY_WITH = {'resume_tag': ('init_from', 'resume'), 'plan_gpus': ('dry_run', True),
@@ -28,10 +29,10 @@ def check(config):
         raise ValueError(found)
 
 
-def check_values(config, at_least=None, positive=None, below_one=(), named=()):
+def check_values(config, at_least=None, positive=None, below_one=(), named=(), choices=None):
     """Every command's numbers and names: ValueError naming the first that cannot work, and its fix.
     at_least {setting: least}; positive {setting: an example}; below_one: fractions in [0, 1); named: text
-    that must not be empty."""
+    that must not be empty; choices {setting: the values it takes}."""
     for key, least in (at_least or {}).items():
         value = config[key]
         if not math.isfinite(value) or value < least:
@@ -46,6 +47,18 @@ def check_values(config, at_least=None, positive=None, below_one=(), named=()):
     for key in named:
         if isinstance(config[key], str) and not config[key].strip():  # (dataset may be a mix, a dict)
             raise ValueError(f'{key}={config[key]!r} names nothing: give one (--help shows the default)')
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            raise ValueError(f"{key}={config[key]!r} cannot work: use {', '.join(map(repr, allowed))}")
+
+
+def heads_problem(n_embd, n_head):
+    """'' when n_embd splits into n_head heads, else the line naming the nearest width that does."""
+    if n_embd % n_head == 0:
+        return ''
+    nearest = max(n_head, n_embd // n_head * n_head)
+    return (f'n_embd={n_embd} does not split into n_head={n_head} heads: use a multiple, like '
+            f'--n_embd={nearest}')
 
 
 def problem(config):
@@ -60,11 +73,9 @@ def problem(config):
     if config['decay_lr'] and floor > learning_rate:  # e.g. a config file's min_lr, a lower --learning_rate
         return (f'min_lr={floor:g} is above learning_rate={learning_rate:g}: the cosine would climb; use a '
                 f'lower --min_lr, like {learning_rate / 10:g}')
-    n_embd, n_head = config['n_embd'], config['n_head']
-    if config['init_from'] == 'scratch' and n_embd % n_head:
-        nearest = max(n_head, n_embd // n_head * n_head)
-        return (f'n_embd={n_embd} does not split into n_head={n_head} heads: '
-                f'use a multiple, like --n_embd={nearest}')
+    heads = heads_problem(config['n_embd'], config['n_head'])
+    if config['init_from'] == 'scratch' and heads:  # a pretrained or resumed model keeps its own shape
+        return heads
     if config['compile'] not in (True, False, 'auto'):
         return f"compile={config['compile']!r} cannot work: use --compile=True, False or auto"
     if not config['out_dir']:
