@@ -472,8 +472,5 @@ def keep_vocabulary(out_dir, meta_path):
     """The dataset's vocabulary as out_dir/meta.json (an old meta.pkl's too): it travels with the run, for
     sample/export."""
     meta = data_sources.read_meta(meta_path)
-    if meta is None:  # GPT-2 BPE, nothing to keep
-        return
-    kept = data_sources.read_meta(os.path.join(out_dir, data_sources.VOCABULARY))
-    if kept != meta:  # a resumed run leaves the copy it made as it was
+    if meta is not None:  # None: GPT-2 BPE, nothing to keep
         data_sources.write_meta(out_dir, meta)

@@ -32,7 +32,8 @@ def vocabulary_file(where):
 
 
 def write_meta(where, meta):
-    """Write a vocabulary (read_meta's dict) as where/meta.json and return its path. JSON keys are strings, so
+    """Write a vocabulary (read_meta's dict) as where/meta.json and return its path; a file that already holds
+    it is left as it is (a resumed run does not touch the copy its out_dir kept). JSON keys are strings, so
     itos goes as a list (its ids are 0..n-1): read back, it is the same {int: str} dict."""
     problem = meta_problem(meta)
     if problem:
@@ -40,9 +41,11 @@ def write_meta(where, meta):
     data = dict(meta)
     if 'itos' in data:
         data['itos'] = [meta['itos'][i] for i in range(len(meta['itos']))]
-    path = os.path.join(where, VOCABULARY)
+    path, text = os.path.join(where, VOCABULARY), json.dumps(data)
+    if os.path.isfile(path) and open(path, encoding='utf-8', errors='replace').read() == text:
+        return path
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump(data, f)
+        f.write(text)
     os.replace(path + '.tmp', path)  # every rank reads it: never half-written
     return path
 
