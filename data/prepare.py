@@ -60,8 +60,11 @@ FLUSH_TOKENS = 1 << 20  # tokens a unit buffers before writing them out
 
 class Arguments(argparse.ArgumentParser):
     """argparse with every command's way of failing: one error line, the nearest option for a typo."""
-    given = []  # the arguments being parsed, for error() to look at
     hint = 'python data/prepare.py INPUT... --name NAME (--help says more)'  # the command, as it is typed
+
+    def parse_args(self, args=None, namespace=None):
+        self.given = sys.argv[1:] if args is None else list(args)  # for error() to look at
+        return super().parse_args(args, namespace)
 
     def error(self, message):  # one 'error:' line like every command's, not argparse's usage and its own line
         options = [option for action in self._actions for option in action.option_strings]
@@ -80,7 +83,6 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 def parse_args(argv):
     p = Arguments(description=__doc__, formatter_class=Formatter)
-    p.given = sys.argv[1:] if argv is None else list(argv)
     p.add_argument('inputs', nargs='+', metavar='INPUT', help='files, folders or globs')
     p.add_argument('--name', required=True, help='the dataset: data/NAME, or a folder path')
     p.add_argument('--tokenizer', choices=('gpt2', 'char'), default='gpt2')

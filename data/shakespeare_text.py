@@ -20,7 +20,7 @@ TINY_SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/mas
 def parse_args(description):
     p = load_prepare().Arguments(description=description,  # one error line, the nearest option for a typo
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.given, p.hint = sys.argv[1:], f'python {os.path.relpath(sys.argv[0])} --help says more'
+    p.hint = f'python {os.path.relpath(sys.argv[0])} --help says more'
     p.add_argument('--input', help='a UTF-8 text file to use instead of Shakespeare')
     p.add_argument('--offline', action='store_true', help="don't try the download; use the packaged plays")
     return p.parse_args()
