@@ -31,11 +31,11 @@ from functools import partial
 import numpy as np
 import torch
 
-import data_sources
-from ds_setup import die, user_errors
-from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token
-from perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
-from settings import DTYPES, check_values, heads_problem
+from model import GPT, PRETRAINED_SHAPES, GPTConfig, flops_per_token
+from nanogpt_ds import data_sources
+from nanogpt_ds.ds_setup import die, user_errors
+from nanogpt_ds.perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
+from nanogpt_ds.settings import DTYPES, check_values, heads_problem
 
 LEVERS = {  # name -> (its row's suffix, the trainer's arguments for it)
     'no_phase_timers': ('no phase timers', ('--time_phases=False',)),  # what time_phases costs

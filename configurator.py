@@ -179,7 +179,7 @@ def configure(namespace, argv=None, also=ALSO, script=None):
     try:
         overrides = parse_overrides(argv, defaults, also)
     except ValueError as e:
-        from ds_setup import die  # only now: it loads torch, which `python configurator.py` needs not
+        from nanogpt_ds.ds_setup import die  # only now: it loads torch (`python configurator.py` needs none)
         die(str(e), exit_code=2)
     namespace.update(overrides)
     return keys, overrides, follow(namespace, overrides)

@@ -17,10 +17,9 @@ import sys
 
 import torch
 
-import consolidate
-import data_sources
-from ds_setup import die, user_errors
-from settings import check_values
+from nanogpt_ds import consolidate, data_sources
+from nanogpt_ds.ds_setup import die, user_errors
+from nanogpt_ds.settings import check_values
 
 out_dir = 'out-shakespeare-xl-deepspeed'  # the run's out_dir (a tag folder inside it works too)
 tag = ''  # e.g. 'iter_10'; empty: the tag that out_dir/latest names
@@ -68,7 +67,7 @@ if __name__ == '__main__':
     if meta:
         data_sources.write_meta(partial, meta)  # JSON, whatever the run kept: an old meta.pkl too
     else:
-        from tokenizer import write_hf_gpt2_tokenizer
+        from nanogpt_ds.tokenizer import write_hf_gpt2_tokenizer
         write_hf_gpt2_tokenizer(partial, model.config.block_size)
     if os.path.isdir(export_dir):
         os.rmdir(export_dir)  # empty, checked above

@@ -75,14 +75,14 @@ if [ "$cpu_demo" = 1 ]; then
   train_args=(config/train_shakespeare_char_cpu.py "${train_args[@]}")
   export DS_ACCELERATOR=cpu
 fi
-if [ -n "$hostfile" ]; then  # the hostfile, this node's slots and the master address, by hosts.py
+if [ -n "$hostfile" ]; then  # the hostfile, this node's slots and the master address, by nanogpt_ds/hosts.py
   cpu=(); [ "$cpu_demo" = 0 ] && [ "${DS_ACCELERATOR:-}" != cpu ] || cpu=(--cpu)  # slots are CPU ranks
   if [ "$per_node" = 1 ]; then
-    gpus_desc=$(python hosts.py "$hostfile" "$node_rank" "$master_addr" "$master_port" "${cpu[@]}") || exit 1
+    gpus_desc=$(python -m nanogpt_ds.hosts "$hostfile" "$node_rank" "$master_addr" "$master_port" "${cpu[@]}") || exit 1
     launch=(--hostfile "$hostfile" --no_ssh --node_rank "$node_rank" --master_addr "$master_addr")
   else
     command -v pdsh >/dev/null 2>&1 || fail "pdsh not found: DeepSpeed starts the other nodes over ssh with it; install pdsh, or run one command per node (--node_rank N --master_addr ADDR)"
-    gpus_desc=$(python hosts.py "$hostfile" "${cpu[@]}") || exit 1
+    gpus_desc=$(python -m nanogpt_ds.hosts "$hostfile" "${cpu[@]}") || exit 1
     launch=(--hostfile "$hostfile")
   fi
   world="(the ranks in $hostfile)"
@@ -126,11 +126,11 @@ micro=$(get batch_size); accum=$(get gradient_accumulation_steps)
 
 python -c "import json, sys; json.load(open(sys.argv[1]))" "$ds_config" 2>/dev/null \
   || fail "DeepSpeed config $ds_config is missing or not valid JSON (python -m json.tool $ds_config shows where)"
-# the data and the disk, by the trainer's own rules (data_sources.py, checkpoints.py); a dry run needs no data
+# the data and the disk, by the trainer's own rules (data_sources, checkpoints); a dry run needs no data
 data_dir="not checked (a dry run plans without data)"
 [ "$dry_run" = 1 ] || data_dir=$(python - "$settings" <<'EOF'
 import json, sys
-import data_sources
+from nanogpt_ds import data_sources
 s = json.loads(sys.argv[1])
 try:
     sources = data_sources.resolve(s['dataset'], s['block_size'])
@@ -141,9 +141,9 @@ EOF
 ) || exit 1
 need_gb=$(python - "$settings" <<'EOF'
 import json, sys
-import checkpoints
 from model import GPTConfig, num_params
-from model_init import is_pretrained_source, pretrained_config
+from nanogpt_ds import checkpoints
+from nanogpt_ds.model_init import is_pretrained_source, pretrained_config
 s = json.loads(sys.argv[1])
 shape = GPTConfig(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], block_size=s['block_size'],
                   vocab_size=50304)
@@ -182,5 +182,5 @@ else
   while kill -0 "$ds" 2>/dev/null; do rc=0; wait "$ds" || rc=$?; done  # a trapped signal ends a wait early
   [ "$rc" = 0 ] || exit "$rc"
 fi
-newest=$(python -c "import checkpoints, sys; print(checkpoints.latest_tag(sys.argv[1]) or 'none')" "$out_dir")
+newest=$(python -c "import sys; from nanogpt_ds import checkpoints; print(checkpoints.latest_tag(sys.argv[1]) or 'none')" "$out_dir")
 echo "checkpoints: $out_dir ($newest is the newest; resume with --init_from=resume)"

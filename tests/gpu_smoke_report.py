@@ -8,10 +8,7 @@ import statistics
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from conftest import by_iter  # noqa: E402  the suite's reader of a run's metrics.jsonl
+from conftest import by_iter  # the suite's reader of a run's metrics.jsonl (beside this file)
 
 
 def card_line(path, log):

@@ -14,11 +14,9 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, one_error, run, sh, slow_rank, snapshot, tiny_hf
 
-import checkpoints
-import data_sources
-from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, one_error, run, sh, slow_rank, snapshot
-from conftest import tiny_hf
+from nanogpt_ds import checkpoints, data_sources
 
 SCRIPT = os.path.join(REPO, 'run_deepspeed_xl.sh')
 OFFLINE = env(HF_HUB_OFFLINE='1', HF_HOME=tempfile.mkdtemp())  # no test reaches the hub, none finds a cache

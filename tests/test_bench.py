@@ -4,9 +4,9 @@ import json
 import re
 import sys
 
-import data_sources
-
 from conftest import ok, one_error, run
+
+from nanogpt_ds import data_sources
 
 
 def test_bench_rows(tmp_path):

@@ -10,9 +10,9 @@ import os
 import shutil
 
 import pytest
-
-import checkpoints
 from conftest import TINY, launch, metrics, one_error, snapshot
+
+from nanogpt_ds import checkpoints
 
 
 def test_rotation_keeps_the_newest_the_best_and_final(saved_run, tmp_path):

@@ -7,10 +7,10 @@ that costs a compilation more than the suite can spend.)"""
 import shutil
 
 import pytest
-
-import consolidate
 from conftest import SAVED_RUN, launch, metrics, ok
-from ds_setup import resolve_compile
+
+from nanogpt_ds import consolidate
+from nanogpt_ds.ds_setup import resolve_compile
 
 
 def assert_eager_losses(records, eager_dir, resumed_at=0):

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from configurator import parse_overrides
 
 DEFAULTS = {'batch_size': 1, 'learning_rate': 3e-5, 'decay_lr': True, 'dataset': 'shakespeare',

@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-
-import data_sources
 from conftest import REPO
-from tokenizer import EOT_TOKEN, gpt2_encoding, load_codec, prompt_ids
+
+from nanogpt_ds import data_sources
+from nanogpt_ds.tokenizer import EOT_TOKEN, gpt2_encoding, load_codec, prompt_ids
 
 
 def bins(name):

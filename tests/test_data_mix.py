@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-import data_sources
 from conftest import REPO, script_function
+
+from nanogpt_ds import data_sources
 
 CHAR = os.path.join(REPO, 'data', 'shakespeare_char')
 

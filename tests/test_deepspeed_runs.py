@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import checkpoints
 from conftest import TINY, expected_eval, launch, metrics, ok, run
+
 from model import GPT, GPTConfig
+from nanogpt_ds import checkpoints
 
 
 @pytest.mark.parametrize('stage', [2, 3])

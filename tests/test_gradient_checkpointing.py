@@ -3,7 +3,6 @@ on real 2-rank DeepSpeed runs (fp32, dropout 0.1, gradient accumulation) it trai
 run without it, and its checkpoints resume either way. (Under ZeRO-3, whose parameters are gathered again in
 the recomputation, the saved_run_zero3 fixture trains with it: test_deepspeed_runs.)"""
 import pytest
-
 from conftest import TINY, launch, metrics, ok
 
 ARGS = [*TINY, '--dropout=0.1', '--gradient_accumulation_steps=2', '--max_iters=10', '--eval_interval=5',

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, env, one_error, run, sh
 
 # the commands that take --key=value (configurator.py)

@@ -15,11 +15,10 @@ import time
 import numpy as np
 import pytest
 import torch
-
-import checkpoints
-import data_sources
 from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
-from ds_setup import prepare_process
+
+from nanogpt_ds import checkpoints, data_sources
+from nanogpt_ds.ds_setup import prepare_process
 
 # a save lasts ~0.1-0.3 s here (7 M parameters: 29 MB of weights, each rank 43 MB of fp32 master weights and
 # Adam moments), while a micro batch of 2 keeps the iterations cheap
@@ -199,8 +198,8 @@ def engine():
     import deepspeed
     import torch.distributed as dist
 
-    from ds_setup import init_distributed, resolve_ds_config
     from model import GPT, GPTConfig
+    from nanogpt_ds.ds_setup import init_distributed, resolve_ds_config
     init_distributed('gloo', False, {})
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     ds_config, _ = resolve_ds_config('ds_config_zero2.json', 1, 1, 1, 1.0, 'float32')

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-import memory_plan as mp
-from model import GPT, GPTConfig, PRETRAINED_SHAPES, num_params
+from model import GPT, PRETRAINED_SHAPES, GPTConfig, num_params
+from nanogpt_ds import memory_plan as mp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, H, D = PRETRAINED_SHAPES['gpt2-xl']

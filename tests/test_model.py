@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, PRETRAINED_SHAPES, flops_per_token, num_params
+from model import GPT, PRETRAINED_SHAPES, GPTConfig, flops_per_token, num_params
 
 SMALL = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-
-import model_init
 from conftest import TINY_RUN, launch, ok, tiny_hf
-from model_init import build, from_pretrained, start_shape
+
+from nanogpt_ds import model_init
+from nanogpt_ds.model_init import build, from_pretrained, start_shape
 
 SCRATCH = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=True, dropout=0.0, vocab_size=97)
 

@@ -12,10 +12,10 @@ import sys
 from importlib.metadata import version
 
 import pytest
-
-import checkpoints
 from conftest import BIN, REPO, TINY, dry_run, env, free_port, launch, metrics, ok, run
+
 from model import GPTConfig, flops_per_token
+from nanogpt_ds import checkpoints
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,11 @@ import sys
 
 import pytest
 import torch
-
-import checkpoints
 from conftest import SAVED_RUN, env, expected_eval, launch, metrics, ok, run
+
 from model import GPT, GPTConfig
+from nanogpt_ds import checkpoints
+
 
 def losses(out_dir):
     return {r['iter']: r['loss'] for r in metrics(out_dir) if 'loss' in r}

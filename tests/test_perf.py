@@ -1,8 +1,8 @@
 """perf.py's pure parts: the peak table's matching, the phase timer's bookkeeping, the log line."""
 import pytest
 
-import perf
-from perf import PhaseTimer, gpu_peak_flops, log_line
+from nanogpt_ds import perf
+from nanogpt_ds.perf import PhaseTimer, gpu_peak_flops, log_line
 
 
 @pytest.mark.parametrize('name,dtype,tflops', [

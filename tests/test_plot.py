@@ -5,10 +5,10 @@ import os
 import sys
 
 import pytest
+from conftest import ok, run
 from PIL import Image
 
-from conftest import ok, run
-from plot import plot_run, read_metrics
+from nanogpt_ds.loss_plot import plot_run, read_metrics
 
 
 def train(it, loss, **extra):

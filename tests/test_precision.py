@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import AVX2_ONLY, REPO, TINY, dry_run, env, ok, run
-from ds_setup import choose_dtype
+
+from nanogpt_ds.ds_setup import choose_dtype
 
 
 @pytest.mark.parametrize('on_gpu,gpu_major,bf16_native,planning_gpus,bf16_speedup,expected', [
@@ -31,8 +31,8 @@ def test_auto_dtype_by_device(on_gpu, gpu_major, bf16_native, planning_gpus, bf1
 
 MATMULS = '''
 import json
-from ds_setup import cpu_bf16_native
-from perf import matmul_flops
+from nanogpt_ds.ds_setup import cpu_bf16_native
+from nanogpt_ds.perf import matmul_flops
 print(json.dumps([cpu_bf16_native(), matmul_flops('float32', seconds=0.3),
                   matmul_flops('bfloat16', seconds=0.3)]))
 '''

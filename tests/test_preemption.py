@@ -12,10 +12,9 @@ import time
 
 import psutil
 import pytest
-
-import checkpoints
-import preemption
 from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
+
+from nanogpt_ds import checkpoints, preemption
 
 
 def last_losses(out_dir):

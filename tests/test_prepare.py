@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 import pytest
-
-import data_sources
 from conftest import BIN, REPO, TINY, env, launch, metrics, ok, one_error, run, snapshot
-from tokenizer import EOT_TOKEN, gpt2_encoding, load_codec
+
+from nanogpt_ds import data_sources
+from nanogpt_ds.tokenizer import EOT_TOKEN, gpt2_encoding, load_codec
 
 PREPARE = os.path.join(REPO, 'data', 'prepare.py')
 _spec = importlib.util.spec_from_file_location('prepare', PREPARE)

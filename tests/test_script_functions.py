@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import one_source, script_function
 
 

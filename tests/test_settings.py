@@ -4,10 +4,10 @@ that a command stops on such a line, once."""
 import os
 
 import pytest
-
-import settings
-from configurator import constants_of
 from conftest import REPO
+
+from configurator import constants_of
+from nanogpt_ds import settings
 
 TRAINER = constants_of(os.path.join(REPO, 'train_deepspeed.py'))
 TINY = dict(init_from='scratch', n_layer=2, n_head=2, n_embd=64)

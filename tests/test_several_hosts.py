@@ -14,10 +14,9 @@ import sys
 import time
 
 import pytest
-
-import checkpoints
-import hosts
 from conftest import BIN, REPO, SAVED_RUN, ZERO3_CHECKPOINTING, by_iter, env, free_port, one_error, run
+
+from nanogpt_ds import checkpoints, hosts
 
 ADDRESSES = {'A': '10.231.0.1', 'B': '10.231.0.2'}  # inside the namespaces only; host A is the master
 MASTER = ADDRESSES['A']
@@ -268,8 +267,7 @@ def meet(rank, port, settings, out_dirs, results):
     import torch
     import torch.distributed as dist
 
-    import ds_setup
-    import preemption
+    from nanogpt_ds import ds_setup, preemption
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
     try:
         ds_setup.check_same_settings(settings[rank])

@@ -6,8 +6,9 @@ DeepSpeed runs on CPU (gloo)."""
 import re
 import shutil
 
-import checkpoints
 from conftest import TINY, launch, metrics, ok, one_error, snapshot
+
+from nanogpt_ds import checkpoints
 
 
 def test_nan_stops_and_keeps_the_last_checkpoint(saved_run, tmp_path):

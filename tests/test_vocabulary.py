@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import data_sources
 from conftest import run
+
 from model import GPT, GPTConfig
-from tokenizer import EOT_TEXT, load_codec
+from nanogpt_ds import data_sources
+from nanogpt_ds.tokenizer import EOT_TEXT, load_codec
 
 TEXT = 'First Citizen:\nBefore we proceed any further, hear me speak.\n'
 

@@ -9,15 +9,23 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    TINY,
+    TINY_RUN,
+    expected_eval,
+    expected_first_loss,
+    launch,
+    metrics,
+    ok,
+    one_error,
+    run,
+    tiny_hf,
+)
 
-import checkpoints
-import consolidate
-import data_sources
-
-from conftest import REPO, TINY, TINY_RUN, expected_eval, expected_first_loss, launch, metrics, ok, one_error
-from conftest import run, tiny_hf
 from model import GPT, GPTConfig
-from tokenizer import EOT_TEXT
+from nanogpt_ds import checkpoints, consolidate, data_sources
+from nanogpt_ds.tokenizer import EOT_TEXT
 
 
 def ds_config(tmp_path, stage):
@@ -210,7 +218,8 @@ def test_gpt2_bpe_run_exports_a_tokenizer_and_samples(tmp_path):
     assert set(os.listdir(exported)) == {'vocab.json', 'merges.txt', 'tokenizer_config.json', 'config.json',
                                          'model.safetensors', 'ckpt.pt'}
     from transformers import AutoTokenizer, GPT2LMHeadModel
-    from tokenizer import gpt2_encoding
+
+    from nanogpt_ds.tokenizer import gpt2_encoding
     text = 'ROMEO: But, soft! what light through yonder window breaks?\n\n  <|endoftext|>'
     ids = AutoTokenizer.from_pretrained(exported)(text)['input_ids']
     assert ids == gpt2_encoding().encode(text, allowed_special='all')

@@ -4,10 +4,13 @@ train, the rest val.
     python data/shakespeare/prepare.py [--input FILE] [--offline]
 No meta.json: its absence tells the trainer and sample.py to use GPT-2's BPE and 50257 tokens.
 """
+import importlib.util
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from shakespeare_text import main  # noqa: E402
-
-main(__doc__, os.path.dirname(os.path.abspath(__file__)), 'gpt2')
+HERE = os.path.dirname(os.path.abspath(__file__))
+# data/shakespeare_text.py, which both Shakespeare scripts share, by its path: no import path to set
+spec = importlib.util.spec_from_file_location('shakespeare_text',
+                                              os.path.join(HERE, '..', 'shakespeare_text.py'))
+shakespeare_text = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(shakespeare_text)
+shakespeare_text.main(__doc__, HERE, 'gpt2')

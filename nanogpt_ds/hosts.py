@@ -2,7 +2,7 @@
 Several machines: what a node checks before it launches. DeepSpeed's runner reads the hostfile and starts the
 ranks, over ssh on every host (pdsh), or one command per node (--no_ssh, for SLURM or Kubernetes, where nodes
 do not ssh to each other). What would make it fail later, or hang, is found here first, in one line.
-    python hosts.py HOSTFILE [NODE_RANK MASTER_ADDR MASTER_PORT] [--cpu]
+    python -m nanogpt_ds.hosts HOSTFILE [NODE_RANK MASTER_ADDR MASTER_PORT] [--cpu]
 prints the nodes and ranks, or one `error:` line and exits 1. run_deepspeed_xl.sh calls it.
 """
 import logging
@@ -110,5 +110,5 @@ if __name__ == '__main__':
             hostfile, node_rank, master_addr, master_port = args
             print(describe(hostfile, int(node_rank), master_addr, int(master_port), cpu='--cpu' in sys.argv))
     except ValueError as e:
-        from ds_setup import die  # the one way a command stops on a user error (it loads torch: only now)
+        from nanogpt_ds.ds_setup import die  # the one way to stop on a user error (it loads torch: only now)
         die(str(e))

@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from ds_setup import set_malloc
 from model import CONV1D_WEIGHTS, GPT, PRETRAINED_SHAPES, GPTConfig, full_shape, row_elements
+from nanogpt_ds.ds_setup import set_malloc
 
 # a pretrained tensor is copied in slices of at most this much: a safetensors file is memory-mapped, and the
 # pages a copy touches stay resident until the file is closed, so each slice opens it anew (a whole file open

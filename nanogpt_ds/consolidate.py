@@ -7,10 +7,19 @@ import os
 
 import torch
 
-import data_sources
-from checkpoints import (LATEST, complete_tags, is_universal, latest_tag, loadable_folder, model_states_file,
-                         read_checksums, read_client_state, zero_stage)
 from model import GPT, GPTConfig
+from nanogpt_ds import data_sources
+from nanogpt_ds.checkpoints import (
+    LATEST,
+    complete_tags,
+    is_universal,
+    latest_tag,
+    loadable_folder,
+    model_states_file,
+    read_checksums,
+    read_client_state,
+    zero_stage,
+)
 
 
 def find(out_dir, tag=''):

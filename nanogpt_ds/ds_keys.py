@@ -80,8 +80,10 @@ def refuse_unknown(zero, path):
     refuses it too, but only once the model is built, with a traceback, and a dry run never asks it."""
     from deepspeed import __version__
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    from deepspeed.runtime.zero.offload_config import (DeepSpeedZeroOffloadOptimizerConfig,
-                                                       DeepSpeedZeroOffloadParamConfig)
+    from deepspeed.runtime.zero.offload_config import (
+        DeepSpeedZeroOffloadOptimizerConfig,
+        DeepSpeedZeroOffloadParamConfig,
+    )
     blocks = [('zero_optimization', zero, DeepSpeedZeroConfig)]
     for name, model in (('offload_optimizer', DeepSpeedZeroOffloadOptimizerConfig),
                         ('offload_param', DeepSpeedZeroOffloadParamConfig)):

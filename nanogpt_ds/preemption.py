@@ -24,7 +24,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-import checkpoints
+from nanogpt_ds import checkpoints
 
 # DeepSpeed's launcher, signalled with its ranks (Ctrl-C in a terminal, a kill of the process group),
 # forwards a copy of the same notice to each rank at once: one arriving this soon after the first is not a

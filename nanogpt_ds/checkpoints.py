@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import data_sources
 from model import num_params
+from nanogpt_ds import data_sources
 
 CHECKSUMS = 'checksums.json'
 LATEST = 'latest'

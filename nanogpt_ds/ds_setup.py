@@ -19,10 +19,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ds_keys import refuse_unread
 from model import Block, GPTConfig
-from perf import matmul_flops
-from settings import DTYPES
+from nanogpt_ds.ds_keys import refuse_unread
+from nanogpt_ds.perf import matmul_flops
+from nanogpt_ds.settings import DTYPES
 
 # a bf16 step also keeps fp32 master weights and converts them: its block must be this much faster than fp32's
 # to pay for the optimizer step and the head
