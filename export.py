@@ -73,6 +73,7 @@ if __name__ == '__main__':
         os.rmdir(export_dir)  # empty, checked above
     os.rename(partial, export_dir)
     vocabulary = 'character vocabulary' if meta else 'GPT-2 BPE'
-    print(f"exported {out_dir}/{tag} (iter {client.get('iter_num')}, {model.get_num_params() / 1e6:.2f}M "
+    n_params = model.get_num_params(non_embedding=False)
+    print(f"exported {out_dir}/{tag} (iter {client.get('iter_num')}, {n_params / 1e6:.2f}M "
           f"parameters, {vocabulary}) to {export_dir}: {', '.join(sorted(os.listdir(export_dir)))}")
     sys.stdout.flush()

@@ -7,7 +7,9 @@ activation is GELU with the tanh approximation, which is what GPT-2 ("gelu_new")
 our logits match transformers' GPT2LMHeadModel on the same weights.
 """
 import functools
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,11 @@ PRETRAINED_SHAPES = {  # name -> (n_layer, n_head, n_embd), all with vocab 50257
 }
 # OpenAI's checkpoints use Conv1D, which stores these Linear weights as (in, out)
 CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# what a start from the hub downloads: the config and the safetensors weights (GPT-2's repositories also hold
+# PyTorch, TF, Flax and ONNX copies)
+HUB_FILES = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors']
+# GPT-2's activation under the names transformers gives it
+TANH_GELU = ('gelu_new', 'gelu_pytorch_tanh')
 # GPT.init_weights draws each tensor in blocks of whole rows of about this many numbers (16 MiB in fp32)
 INIT_BLOCK_ELEMENTS = 2**22
 
@@ -161,9 +168,9 @@ class GPT(nn.Module):
         generator = torch.Generator().manual_seed(((base_seed * 100_003 + index) * 100_003 + k) % 2**63)
         return torch.empty(rows).normal_(0.0, std, generator=generator)
 
-    def get_num_params(self, non_embedding=False):
-        """Parameters counted once each (the tied wte/lm_head weight once). non_embedding=True leaves
-        out the position embeddings, the convention for FLOPs (nanoGPT's too)."""
+    def get_num_params(self, non_embedding=True):
+        """Parameters counted once each (the tied wte/lm_head weight once). non_embedding=True (nanoGPT's
+        default) leaves out the position embeddings, the convention for FLOPs."""
         n = sum(numel(p) for p in self.parameters())  # parameters() already yields a tied tensor once
         return n - numel(self.transformer.wpe.weight) if non_embedding else n
 
@@ -185,6 +192,34 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, model_type, override_args=None):
+        """nanoGPT's: OpenAI's GPT-2 by name ('gpt2' ... 'gpt2-xl', downloaded once into the hub's cache) or a
+        folder transformers wrote, with only dropout overridable. Loads whole tensors, one at a time; the
+        trainer reads the same files in slices, and under ZeRO-3 only its shard (nanogpt_ds/model_init.py)."""
+        override_args = override_args or {}
+        assert all(k == 'dropout' for k in override_args), 'only dropout can be overridden'
+        config = pretrained_config(model_type)
+        config.dropout = override_args.get('dropout', 0.0)
+        folder = local_folder(model_type)
+        model = cls(config, init=False)
+        files = weight_files(folder)
+        for name, p in model.named_parameters():
+            key, transposed = stored_key(name, files, folder)
+            if isinstance(files[key], torch.Tensor):
+                stored = files[key]
+            else:
+                from safetensors import safe_open
+                with safe_open(files[key], 'pt') as f:
+                    stored = f.get_tensor(key)
+            stored = stored.t() if transposed else stored
+            if stored.shape != p.shape:
+                raise ValueError(f'{folder}: {key} has shape {list(stored.shape)}, config.json says '
+                                 f'{list(p.shape)}')
+            with torch.no_grad():
+                p.copy_(stored)
+        return model
 
     def crop_block_size(self, block_size):
         """Shrink the context, e.g. to fine-tune pretrained GPT-2 (1024) on shorter windows."""
@@ -218,8 +253,9 @@ class GPT(nn.Module):
             sd.setdefault(k, torch.zeros(p.shape))
         return sd
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, cpu_adam=False):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type=None, cpu_adam=False):
         """AdamW where every 2-D tensor (matmul weights, embeddings) decays and biases and norms don't.
+        device_type: nanoGPT's argument, kept so that its calls work; the fused AdamW below runs on either.
         cpu_adam: DeepSpeed's vectorised CPU AdamW (the same update), for ZeRO's optimizer offload, which
         refuses a torch optimizer (or runs it slowly)."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -269,3 +305,75 @@ def flops_per_token(config):
     N = num_params(config, non_embedding=True)
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
     return 6 * N + 12 * L * H * Q * T
+
+
+# OpenAI's GPT-2 and the folders transformers writes: their shapes, files and weight names. The model's own
+# facts: nanoGPT's from_pretrained above and the trainer's sliced reads (nanogpt_ds/model_init.py) share them.
+def hf_config(folder):
+    """A transformers folder's config.json."""
+    with open(os.path.join(folder, 'config.json')) as f:
+        return json.load(f)
+
+
+def is_pretrained_source(init_from):
+    """A GPT-2 name from the hub or a folder with a transformers config.json."""
+    return init_from in PRETRAINED_SHAPES or os.path.isfile(os.path.join(init_from, 'config.json'))
+
+
+def pretrained_config(name_or_dir):
+    """The shape of a pretrained GPT-2 without its weights: OpenAI's from the table, a transformers folder's
+    from its config.json. ValueError for an activation this model does not compute."""
+    if name_or_dir in PRETRAINED_SHAPES:
+        n_layer, n_head, n_embd = PRETRAINED_SHAPES[name_or_dir]
+        return GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    c = hf_config(name_or_dir)
+    activation = c.get('activation_function', 'gelu_new')  # OpenAI's; transformers' default too
+    if activation not in TANH_GELU:
+        raise ValueError(f"{name_or_dir}: activation_function={activation!r}, this model implements GPT-2's "
+                         'tanh GELU only')
+    return GPTConfig(block_size=c['n_positions'], vocab_size=c['vocab_size'], n_layer=c['n_layer'],
+                     n_head=c['n_head'], n_embd=c['n_embd'])
+
+
+def local_folder(name_or_dir):
+    """A folder holding the model's config.json and weights: the folder given, or OpenAI's GPT-2 downloaded
+    from the hub (its cache makes that once)."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name_or_dir, allow_patterns=HUB_FILES)
+    except Exception as e:  # the hub's HTTP errors, OSError, or offline mode's ValueError
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ValueError(f'the weights of {name_or_dir} could not be loaded ({reason}): on a machine online, '
+                         f"save them once with GPT2LMHeadModel.from_pretrained('{name_or_dir}')"
+                         f'.save_pretrained(DIR), then --init_from=DIR') from None
+
+
+def weight_files(folder):
+    """{tensor name: where it is}: a safetensors file's path, or (an older pytorch_model.bin) the tensor,
+    memory-mapped. ValueError when the folder has neither."""
+    index = os.path.join(folder, 'model.safetensors.index.json')
+    if os.path.isfile(index):  # sharded
+        with open(index) as f:
+            return {k: os.path.join(folder, file) for k, file in json.load(f)['weight_map'].items()}
+    single = os.path.join(folder, 'model.safetensors')
+    if os.path.isfile(single):
+        from safetensors import safe_open
+        with safe_open(single, 'pt') as f:
+            return dict.fromkeys(f.keys(), single)
+    legacy = os.path.join(folder, 'pytorch_model.bin')
+    if os.path.isfile(legacy):  # its pages stay resident as they are copied: up to the file's size more
+        return torch.load(legacy, map_location='cpu', mmap=True, weights_only=True)
+    raise ValueError(f'{folder} has no model.safetensors (nor pytorch_model.bin): write it with '
+                     f"transformers' save_pretrained(DIR)")
+
+
+def stored_key(name, files, folder):
+    """(the key our parameter `name` has in weight_files' files, whether it is stored transposed): OpenAI's
+    own files name tensors without 'transformer.', and Conv1D stores CONV1D_WEIGHTS as (in, out). ValueError
+    when the files lack it."""
+    key = name if name in files else name.removeprefix('transformer.')
+    if key not in files:
+        raise ValueError(f'{folder}: its weights lack {name}')
+    return key, name.endswith(CONV1D_WEIGHTS)

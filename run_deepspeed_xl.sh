@@ -141,9 +141,8 @@ EOF
 ) || exit 1
 need_gb=$(python - "$settings" <<'EOF'
 import json, sys
-from model import GPTConfig, num_params
+from model import GPTConfig, is_pretrained_source, num_params, pretrained_config
 from nanogpt_ds import checkpoints
-from nanogpt_ds.model_init import is_pretrained_source, pretrained_config
 s = json.loads(sys.argv[1])
 shape = GPTConfig(n_layer=s['n_layer'], n_head=s['n_head'], n_embd=s['n_embd'], block_size=s['block_size'],
                   vocab_size=50304)

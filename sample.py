@@ -14,8 +14,7 @@ from contextlib import nullcontext, redirect_stdout
 
 import torch
 
-from model import GPT, GPTConfig
-from nanogpt_ds.model_init import from_pretrained, is_pretrained_source
+from model import GPT, GPTConfig, is_pretrained_source
 
 # -----------------------------------------------------------------------------
 # 'resume' (out_dir's checkpoint), an export folder or its ckpt.pt, 'gpt2'...'gpt2-xl', a transformers folder
@@ -69,7 +68,8 @@ elif init_from.endswith('.pt') or os.path.isfile(os.path.join(init_from, 'ckpt.p
     meta_path = data_sources.vocabulary_file(os.path.dirname(path))
     source = f"{path} (iter {checkpoint.get('iter_num')})"
 elif is_pretrained_source(init_from):
-    model = from_pretrained(init_from)
+    with user_errors():
+        model = GPT.from_pretrained(init_from)  # nanoGPT's way
     meta_path = data_sources.vocabulary_file(init_from)
     source = init_from
 else:
@@ -95,7 +95,8 @@ torch.cuda.manual_seed(seed)
 model.eval().to(device)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device.split(':')[0], dtype=ptdtype)
-print(f"{source}: {model.get_num_params() / 1e6:.2f}M parameters, {'GPT-2 BPE' if gpt2_bpe else meta_path}, "
+n_params = model.get_num_params(non_embedding=False)
+print(f"{source}: {n_params / 1e6:.2f}M parameters, {'GPT-2 BPE' if gpt2_bpe else meta_path}, "
       f'{device} {dtype}', file=sys.stderr)
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 with torch.no_grad(), ctx:

@@ -178,7 +178,7 @@ with user_errors():
         dtype, dtype_why = settle_cpu_dtype(shape, batch_size, saved, ds_config)
         config['dtype'] = dtype
     model = build(shape, None if saved else init_from, seed, ds_config if stage == 3 else None)
-model_args, n_params = dataclasses.asdict(shape), model.get_num_params()
+model_args, n_params = dataclasses.asdict(shape), model.get_num_params(non_embedding=False)
 model.gradient_checkpointing = gradient_checkpointing
 torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own numbers
 

@@ -7,45 +7,17 @@ shard from the start (deepspeed.zero.Init), never the whole model: rank 0 writes
 that one parameter. docs/performance.md#start-up-memory has the measurements.
 """
 import contextlib
-import json
-import os
 
 import torch
 
-from model import CONV1D_WEIGHTS, GPT, PRETRAINED_SHAPES, GPTConfig, full_shape, row_elements
+from model import (GPT, PRETRAINED_SHAPES, GPTConfig, full_shape, is_pretrained_source, local_folder,
+                   pretrained_config, row_elements, stored_key, weight_files)
 from nanogpt_ds.ds_setup import set_malloc
 
 # a pretrained tensor is copied in slices of at most this much: a safetensors file is memory-mapped, and the
 # pages a copy touches stay resident until the file is closed, so each slice opens it anew (a whole file open
 # through the load was resident in full: 2x the model's bytes at its end)
 SLICE_BYTES = 64 * 2**20
-# what a start from the hub downloads: the config and the safetensors weights (GPT-2's repositories also hold
-# PyTorch, TF, Flax and ONNX copies)
-HUB_FILES = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model-*.safetensors']
-# GPT-2's activation under the names transformers gives it
-TANH_GELU = ('gelu_new', 'gelu_pytorch_tanh')
-
-
-def is_pretrained_source(init_from):
-    """A GPT-2 name from the hub or a folder with a transformers config.json."""
-    return init_from in PRETRAINED_SHAPES or os.path.isfile(os.path.join(init_from, 'config.json'))
-
-
-def hf_config(folder):
-    """A transformers folder's config.json."""
-    with open(os.path.join(folder, 'config.json')) as f:
-        return json.load(f)
-
-
-def pretrained_config(name_or_dir):
-    """The shape of a pretrained GPT-2 without its weights: OpenAI's from the table, a transformers folder's
-    from its config.json."""
-    if name_or_dir in PRETRAINED_SHAPES:
-        n_layer, n_head, n_embd = PRETRAINED_SHAPES[name_or_dir]
-        return GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    c = hf_config(name_or_dir)
-    return GPTConfig(block_size=c['n_positions'], vocab_size=c['vocab_size'], n_layer=c['n_layer'],
-                     n_head=c['n_head'], n_embd=c['n_embd'])
 
 
 def start_shape(init_from, scratch_args, overrides, resumed_args=None):
@@ -58,12 +30,6 @@ def start_shape(init_from, scratch_args, overrides, resumed_args=None):
     elif init_from == 'scratch':
         return GPTConfig(**scratch_args)
     elif is_pretrained_source(init_from):
-        act = 'gelu_new'  # OpenAI's; transformers' default too
-        if init_from not in PRETRAINED_SHAPES:
-            act = hf_config(init_from).get('activation_function', act)
-        if act not in TANH_GELU:
-            raise ValueError(f'{init_from}: activation_function={act!r}, '
-                             f"this model implements GPT-2's tanh GELU only")
         config = pretrained_config(init_from)
         if block_size > config.block_size:
             raise ValueError(f'block_size={block_size} is more than {init_from} was trained for '
@@ -159,59 +125,14 @@ def write_rows(p, rows, first_row):
             dest[a - start:b - start].copy_(rows.reshape(-1)[a - lo:b - lo])
 
 
-def from_pretrained(name_or_dir, dropout=0.0):
-    """A whole GPT with a pretrained model's weights and shape (sample.py, tests)."""
-    config = pretrained_config(name_or_dir)
-    config.dropout = dropout
-    return build(config, name_or_dir, seed=0)
-
-
-def local_folder(name_or_dir):
-    """A folder holding the model's config.json and weights: the folder given, or OpenAI's GPT-2 downloaded
-    from the hub (its cache makes that once)."""
-    if os.path.isdir(name_or_dir):
-        return name_or_dir
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(name_or_dir, allow_patterns=HUB_FILES)
-    except Exception as e:  # the hub's HTTP errors, OSError, or offline mode's ValueError
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise ValueError(f'the weights of {name_or_dir} could not be loaded ({reason}): on a machine online, '
-                         f"save them once with GPT2LMHeadModel.from_pretrained('{name_or_dir}')"
-                         f'.save_pretrained(DIR), then --init_from=DIR') from None
-
-
-def weight_files(folder):
-    """{tensor name: where it is}: a safetensors file's path, or (an older pytorch_model.bin) the tensor,
-    memory-mapped. ValueError when the folder has neither."""
-    index = os.path.join(folder, 'model.safetensors.index.json')
-    if os.path.isfile(index):  # sharded
-        with open(index) as f:
-            return {k: os.path.join(folder, file) for k, file in json.load(f)['weight_map'].items()}
-    single = os.path.join(folder, 'model.safetensors')
-    if os.path.isfile(single):
-        from safetensors import safe_open
-        with safe_open(single, 'pt') as f:
-            return dict.fromkeys(f.keys(), single)
-    legacy = os.path.join(folder, 'pytorch_model.bin')
-    if os.path.isfile(legacy):  # its pages stay resident as they are copied: up to the file's size more
-        return torch.load(legacy, map_location='cpu', mmap=True, weights_only=True)
-    raise ValueError(f'{folder} has no model.safetensors (nor pytorch_model.bin): write it with '
-                     f"transformers' save_pretrained(DIR)")
-
-
 def load_pretrained(model, folder):
     """Copy a transformers GPT-2's weights into model, tensor by tensor (OpenAI's own files name them without
     'transformer.'). ValueError when one is missing or of another shape."""
     files = weight_files(folder)
-    keys = {}
-    for name, _ in model.named_parameters():
-        keys[name] = name if name in files else name.removeprefix('transformer.')
-    missing = sorted(name for name, key in keys.items() if key not in files)
-    if missing:
-        raise ValueError(f'{folder}: its weights lack {missing[:5]}')
+    keys = {name: stored_key(name, files, folder) for name, _ in model.named_parameters()}  # all, then copy
     for name, p in model.named_parameters():
-        copy_rows(p, files[keys[name]], keys[name], name.endswith(CONV1D_WEIGHTS), folder)
+        key, transposed = keys[name]
+        copy_rows(p, files[key], key, transposed, folder)
 
 
 def copy_rows(p, source, key, transposed, folder):

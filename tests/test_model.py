@@ -1,3 +1,5 @@
+"""model.py: the GPT-2 itself, with nanoGPT's interface (GPT(config), from_pretrained, crop_block_size,
+generate, configure_optimizers, get_num_params) and nanoGPT's meaning for each."""
 import math
 
 import pytest
@@ -39,8 +41,9 @@ def test_parameter_counts(name, expected):
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, block_size=1024)
     with torch.device('meta'):  # counts without allocating 6 GB for gpt2-xl
         model = GPT(config)
-    assert model.get_num_params() == expected == num_params(config)
-    assert model.get_num_params(non_embedding=True) == expected - 1024 * n_embd == num_params(config, True)
+    assert model.get_num_params(non_embedding=False) == expected == num_params(config)
+    # nanoGPT's default leaves out the position embeddings
+    assert model.get_num_params() == expected - 1024 * n_embd == num_params(config, non_embedding=True)
 
 
 def test_flops_per_token():
@@ -53,7 +56,7 @@ def test_tied_embeddings_and_no_bias():
     model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8, bias=False))
     assert model.lm_head.weight is model.transformer.wte.weight
     assert all(not n.endswith('.bias') for n, _ in model.named_parameters())
-    assert model.get_num_params() == num_params(model.config)
+    assert model.get_num_params(non_embedding=False) == num_params(model.config)
 
 
 def test_crop_block_size_and_generate():
@@ -69,11 +72,29 @@ def test_crop_block_size_and_generate():
 
 def test_weight_decay_groups():
     model = GPT(SMALL)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')  # nanoGPT passes its device_type
+    assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
     assert decay['weight_decay'] == 0.1 and all(p.dim() == 2 for p in decay['params'])
     assert no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
-    assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params()
+    assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params(False)
+
+
+def test_from_pretrained_as_nanogpt_calls_it(tmp_path):
+    """`from model import GPT; GPT.from_pretrained(...)`, nanoGPT's way to load GPT-2, on a folder that
+    transformers wrote (OpenAI's weights are not reachable here; test_model_init.py checks the logits):
+    dropout is the one override, and the model then crops and generates as nanoGPT's does."""
+    from conftest import tiny_hf
+    tiny_hf(tmp_path, n_positions=64)
+    model = GPT.from_pretrained(str(tmp_path), dict(dropout=0.1))
+    assert model.config.dropout == 0.1 and model.config.block_size == 64 and model.config.vocab_size == 97
+    with pytest.raises(AssertionError, match='only dropout'):
+        GPT.from_pretrained(str(tmp_path), dict(n_layer=4))
+    model.crop_block_size(16)
+    assert model.eval().generate(torch.zeros((1, 2), dtype=torch.long), max_new_tokens=20).shape == (1, 22)
+    (tmp_path / 'model.safetensors').unlink()
+    with pytest.raises(ValueError, match='has no model.safetensors'):
+        GPT.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize('bias', [True, False])

@@ -1,14 +1,15 @@
-"""The model a run starts from (model_init.py): pretrained weights read tensor by tensor give transformers'
-logits, its shape is checked against the settings, and a start holds at most one copy of the weights, under
-ZeRO-3 only its shard."""
+"""The model a run starts from (nanogpt_ds/model_init.py; nanoGPT's GPT.from_pretrained in model.py):
+pretrained weights read tensor by tensor, or in slices, give transformers' logits, its shape is checked
+against the settings, and a start holds at most one copy of the weights, under ZeRO-3 only its shard."""
 import json
 
 import pytest
 import torch
 from conftest import TINY_RUN, launch, ok, tiny_hf
 
+from model import GPT
 from nanogpt_ds import model_init
-from nanogpt_ds.model_init import build, from_pretrained, start_shape
+from nanogpt_ds.model_init import build, start_shape
 
 SCRATCH = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=True, dropout=0.0, vocab_size=97)
 
@@ -24,7 +25,7 @@ def logits_agree(ours, hf, tokens):
                                                                (2, 6, 36, 100)])
 def test_from_pretrained_matches_transformers(tmp_path, n_layer, n_head, n_embd, n_positions):
     hf = tiny_hf(tmp_path, n_layer, n_head, n_embd, n_positions)
-    ours = from_pretrained(str(tmp_path))
+    ours = GPT.from_pretrained(str(tmp_path))  # nanoGPT's way, as a reader of nanoGPT writes it
     assert (ours.config.block_size, ours.config.vocab_size, ours.config.n_head) == (n_positions, 97, n_head)
     assert ours.lm_head.weight is ours.transformer.wte.weight
     assert logits_agree(ours, hf, n_positions)
@@ -48,7 +49,8 @@ def test_other_file_layouts_read_in_small_slices(tmp_path, monkeypatch, layout):
         tensors = load_file(tmp_path / 'model.safetensors')
         openai = {k.removeprefix('transformer.'): v for k, v in tensors.items()}
         save_file(openai, tmp_path / 'model.safetensors')
-    assert logits_agree(from_pretrained(str(tmp_path)), hf, 64)
+    assert logits_agree(build(start_shape(str(tmp_path), SCRATCH, {}), str(tmp_path), seed=0), hf, 64)
+    assert logits_agree(GPT.from_pretrained(str(tmp_path)), hf, 64)
 
 
 def test_the_settings_may_not_reshape_a_pretrained_model(tmp_path):
