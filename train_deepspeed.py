@@ -185,7 +185,7 @@ torch.manual_seed(seed + rank)  # from here on (dropout) each rank draws its own
 cpu_adam = offload_of(ds_config) != 'none'  # ZeRO's optimizer offload steps DeepSpeed's CPU Adam, same update
 optimizer = None  # an evaluation that loads nothing steps nothing: no fp32 master copy beside the weights
 if not eval_only or saved:
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), cpu_adam)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), cpu_adam=cpu_adam)
 model_engine, optimizer = start_engine(model, optimizer, ds_config, stage, dtype, device)
 if compile:  # in place (nn.Module.compile): parameter names, checkpoints and exports are as without it
     model_engine.compile()
