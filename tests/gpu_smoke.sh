@@ -15,6 +15,7 @@
 # $ SMOKE_ARGS='--n_layer=2 --n_head=2 --n_embd=64 --block_size=64' CAPS=1 XL_ARGS='--n_layer=2 --n_head=2
 #   --n_embd=64 --block_size=64 --gradient_accumulation_steps=2' PYTHON=.venv/bin/python tests/gpu_smoke.sh
 set -u
+case "${1:-}" in -h|--help) sed -n '2,/^set -u/{/^set -u/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac  # the comment above
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${1:-gpu-smoke-logs}
