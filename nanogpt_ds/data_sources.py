@@ -12,14 +12,15 @@ import pickle
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from nanogpt_ds import PROJECT
+
 VOCABULARY = 'meta.json'  # a character vocabulary: what write_meta writes, what read_meta reads first
 OLD_VOCABULARY = 'meta.pkl'  # nanoGPT's pickle of the same dict: still read, as plain data only
 
 
 def folder(name):
     """The folder of a dataset name: a path as given, a bare name under data/ beside this file."""
-    return name if os.sep in name else os.path.join(HERE, 'data', name)
+    return name if os.sep in name else os.path.join(PROJECT, 'data', name)
 
 
 def vocabulary_file(where):
@@ -154,15 +155,15 @@ def how_to_prepare(where, tokenizer=''):
     if os.path.isfile(own):
         return f'python {typeable(own)}'
     option = f' --tokenizer {tokenizer}' if tokenizer else ''
-    under_data = os.path.dirname(os.path.abspath(where)) == os.path.join(HERE, 'data')
+    under_data = os.path.dirname(os.path.abspath(where)) == os.path.join(PROJECT, 'data')
     name = os.path.basename(where) if under_data else typeable(where)  # folder()'s rule, the other way
     return f'python data/prepare.py YOUR_FILES --name {name}{option}'
 
 
 def typeable(path):
     """A path as a user types it in the project's root: relative to it when inside it, else as given."""
-    inside = os.path.abspath(path).startswith(HERE + os.sep)
-    return os.path.relpath(os.path.abspath(path), HERE) if inside else path
+    inside = os.path.abspath(path).startswith(PROJECT + os.sep)
+    return os.path.relpath(os.path.abspath(path), PROJECT) if inside else path
 
 
 def check_bin(path, block_size, prepare):

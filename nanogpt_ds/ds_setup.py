@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from model import Block, GPTConfig
+from nanogpt_ds import PROJECT
 from nanogpt_ds.ds_keys import refuse_unread
 from nanogpt_ds.perf import matmul_flops
 from nanogpt_ds.settings import DTYPES
@@ -154,10 +155,13 @@ def resolve_compile(compile, on_gpu, stage):
     GPUs under ZeRO 0-2, where the model compiles into one graph (nanoGPT reports 250 -> 135 ms/iter for gpt2
     on A100s). Off under ZeRO-3, whose parameter gathers break the graph at every module (41 breaks a rank for
     2 layers on CPU), and off on CPU, where the demo's model gained nothing for its compilation
-    (docs/performance.md)."""
+    (docs/performance.md). A run that does not compile tells torch so (TORCHDYNAMO_DISABLE): DeepSpeed's
+    ZeRO imports Muon's optimizer to check ours, and that import applies torch.compile to Muon's kernels,
+    1.2 s of every rank's start (2.3 s with two ranks on two cores) for a decorator this run never uses."""
     if compile == 'auto':
         compile = on_gpu and stage < 3
     if not compile:
+        os.environ['TORCHDYNAMO_DISABLE'] = '1'
         return False, ''
     return True, 'compile: on; the first iteration and the first eval also compile the model (torch.compile)'
 
@@ -187,13 +191,13 @@ def resolve_ds_config(path, batch_size, gradient_accumulation_steps, world_size,
     """(ds_config, zero stage). The JSON gives the ZeRO settings; batch, clipping and precision come from the
     script's constants, so that one place rules: values the JSON states must agree, or ValueError says how.
     A setting its stage would not read is refused too (ds_keys.py)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    if not os.path.isfile(path):  # a bare name also finds the JSONs that ship beside this file
-        if not os.path.isfile(os.path.join(here, path)):
-            shipped = sorted(f for f in os.listdir(here) if f.startswith('ds_config') and f.endswith('.json'))
+    if not os.path.isfile(path):  # a bare name also finds the JSONs that ship with the project
+        if not os.path.isfile(os.path.join(PROJECT, path)):
+            shipped = sorted(f for f in os.listdir(PROJECT)
+                             if f.startswith('ds_config') and f.endswith('.json'))
             raise ValueError(f'DeepSpeed config {path} not found: give the path of a JSON, or one that ships '
                              f"here ({', '.join(shipped)}), as --deepspeed_config=...")
-        path = os.path.join(here, path)
+        path = os.path.join(PROJECT, path)
     try:
         with open(path) as f:
             ds_config = json.load(f)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import flops_per_token
+from nanogpt_ds import PROJECT
 
 # Dense peak TFLOP/s for the matmul dtype (no sparsity), from the vendors' data sheets. 'float32' is TF32
 # where the GPU has it, since the trainer enables TF32 matmuls. Matched against torch's device name, in
@@ -195,10 +196,8 @@ def write_run_json(out_dir, info):
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    here = os.path.dirname(os.path.abspath(__file__))
-
     def git(*args):
-        return subprocess.run(['git', '-C', here, *args], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(['git', '-C', PROJECT, *args], capture_output=True, text=True).stdout.strip()
 
     try:
         commit = git('rev-parse', 'HEAD') or None
