@@ -28,6 +28,31 @@ DEMO_ITERS = 350  # the cpu_demo fixture's cut of the demo's 700 iterations
 ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_checkpointing=True']
 
 
+# The edit loop: `pytest -m fast` runs the tests that start no deepspeed launch. A test is fast unless it is
+# marked `launches` or asks for a fixture that launches; launch() refuses to run inside a fast test, so the
+# marker cannot drift from what a test does.
+LAUNCHING_FIXTURES = {'saved_run', 'saved_run_zero3', 'cpu_demo', 'two_hosts', 'reference', 'plain'}
+FAST_TESTS = set()  # node ids
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'launches: starts the deepspeed launcher (left out by -m fast)')
+    config.addinivalue_line('markers', 'fast: starts no deepspeed launch (-m fast, the edit loop)')
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        launching = item.get_closest_marker('launches') or LAUNCHING_FIXTURES & set(item.fixturenames)
+        if not launching:
+            item.add_marker(pytest.mark.fast)
+            FAST_TESTS.add(item.nodeid)
+
+
+def not_in_a_fast_test(what):
+    current = os.environ.get('PYTEST_CURRENT_TEST', '').rsplit(' ', 1)[0]
+    assert current not in FAST_TESTS, f'{current} {what}: mark it @pytest.mark.launches'
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -49,6 +74,7 @@ AVX2_ONLY = dict(ONEDNN_MAX_CPU_ISA='AVX2', ATEN_CPU_CAPABILITY='avx2')
 
 def launch(args, ranks=2, timeout=300, environ=None):
     """deepspeed --num_gpus <ranks> train_deepspeed.py <args>; the CompletedProcess (output merged)."""
+    not_in_a_fast_test('launches deepspeed')
     cmd = [os.path.join(BIN, 'deepspeed'), '--num_gpus', str(ranks), '--master_port', str(free_port()),
            'train_deepspeed.py', *args]
     return subprocess.run(cmd, cwd=REPO, env=environ or env(), stdout=subprocess.PIPE,

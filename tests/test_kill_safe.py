@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
+from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, not_in_a_fast_test, ok
 
 from nanogpt_ds import checkpoints, data_sources
 from nanogpt_ds.ds_setup import prepare_process
@@ -100,6 +100,7 @@ def run_until(args, log_path, moment, timeout=300):
     """Start the launcher in a process group of its own, look at out_dir every ~1 ms, and SIGKILL the whole
     group (launcher and ranks) as soon as moment(out_dir, names in it) holds. Returns once no process of it
     runs."""
+    not_in_a_fast_test('launches deepspeed')
     out = next(a.split('=', 1)[1] for a in args if a.startswith('--out_dir='))
     cmd = [os.path.join(BIN, 'deepspeed'), '--num_gpus', '2', '--master_port', str(free_port()),
            'train_deepspeed.py', *args]

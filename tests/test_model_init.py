@@ -81,6 +81,7 @@ def start_peak_mib(out, folder, stage):
     return json.load(open(out / 'run.json'))['start_peak_rss_mb']
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize('stage', [2, 3])
 def test_a_start_holds_one_copy_and_zero3_only_its_shard(tmp_path, tiny_and_big, stage):
     """Each rank's peak beyond the same start of a tiny model (the rank's own machinery): under ZeRO-2 at

@@ -12,7 +12,7 @@ import sys
 from importlib.metadata import version
 
 import pytest
-from conftest import BIN, REPO, TINY, dry_run, env, free_port, launch, metrics, ok, run
+from conftest import BIN, REPO, TINY, dry_run, env, free_port, launch, metrics, not_in_a_fast_test, ok, run
 
 from model import GPTConfig, flops_per_token
 from nanogpt_ds import checkpoints
@@ -24,6 +24,7 @@ def offline_wandb(monkeypatch):
     monkeypatch.setenv('WANDB_SILENT', 'true')
 
 
+@pytest.mark.launches
 def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
     out = tmp_path / 'out'
     args = [*TINY, f'--out_dir={out}', '--wandb_log=True', '--tensorboard_log=True',
@@ -96,6 +97,7 @@ def test_grad_norm_is_before_clipping_at_every_stage(tmp_path):
 def in_a_terminal(args, ranks=2):
     """Run the launcher (or, for one rank, plain python) under script(1), which gives it a pty (of a real
     width: tqdm draws nothing in 0 columns)."""
+    not_in_a_fast_test('launches train_deepspeed.py')
     if ranks == 1:
         cmd = [sys.executable, 'train_deepspeed.py', *args]
     else:
@@ -109,6 +111,7 @@ def in_a_terminal(args, ranks=2):
     return proc.stdout
 
 
+@pytest.mark.launches
 def test_progress_bar_on_a_terminal(tmp_path):
     args = [*TINY, '--max_iters=3', '--eval_interval=3']
     shown = in_a_terminal([*args, f'--out_dir={tmp_path / "a"}'])
@@ -144,6 +147,7 @@ def test_dry_run_plans_gpt2_xl_on_four_gpus_from_here(tmp_path):
     assert 'nothing fits' in ok(dry_run(*args, '--plan_gpu_mem_gb=1')).stdout
 
 
+@pytest.mark.launches
 def test_a_recommendation_runs_as_printed(tmp_path):
     """A model whose activations decide (4 x 128 at block 1024, 16 sequences a rank), planned for 2 GPUs of
     0.78 GiB: the dry run recommends another shipped JSON and gradient checkpointing, and its overrides,

@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, ok
+from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, not_in_a_fast_test, ok
 
 from nanogpt_ds import checkpoints, preemption
 
@@ -24,6 +24,7 @@ def last_losses(out_dir):
 
 def start(args, ranks=2):
     """deepspeed --num_gpus <ranks> train_deepspeed.py <args>, not waited for, in a session of its own."""
+    not_in_a_fast_test('launches deepspeed')
     deepspeed = os.path.join(BIN, 'deepspeed')
     port = str(free_port())
     cmd = [deepspeed, '--num_gpus', str(ranks), '--master_port', port, 'train_deepspeed.py', *args]
@@ -68,6 +69,7 @@ def wait_for_iters(out_dir, n, proc, timeout=180, key='loss'):
     raise TimeoutError(f'no {n} iters in {out_dir}')
 
 
+@pytest.mark.launches
 def test_sigterm_to_the_ranks_saves_and_the_resumed_run_is_exact(tmp_path, mix):
     """SIGTERM to the ranks: each finishes its step, they save together, exit 0; resumed, the run logs the
     losses of one that never stopped (dataset mix, dropout, gradient accumulation: every random stream is
@@ -109,6 +111,7 @@ def as_a_terminal_starts_it():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.launches
 def test_ctrl_c_to_the_run_script_saves_and_exits_0(tmp_path):
     out = tmp_path / 'out'
     script = os.path.join(REPO, 'run_deepspeed_xl.sh')
@@ -125,6 +128,7 @@ def test_ctrl_c_to_the_run_script_saves_and_exits_0(tmp_path):
     assert f'checkpoints: {out} ({tag} is the newest' in stdout
 
 
+@pytest.mark.launches
 def test_sigterm_to_the_deepspeed_command_saves(tmp_path):
     """kill -TERM <pid of the deepspeed command>, as a container's PID 1 or a batch system gets it:
     DeepSpeed's runner dies of it (143) and tells no rank; the ranks see it gone, finish the step, save and
@@ -146,6 +150,7 @@ def test_sigterm_to_the_deepspeed_command_saves(tmp_path):
     assert not alive
 
 
+@pytest.mark.launches
 def test_second_signal_exits_at_once(tmp_path):
     """The first step takes 5000 micro batches (half a minute or more): the first SIGTERM, sent once the eval
     at iter 0 is logged, waits for it; a second one 3 s later ends the run at once, saving nothing."""

@@ -338,6 +338,7 @@ def test_a_killed_run_leaves_no_dataset(tmp_path):
     assert summary['splits']['train']['documents'] == summary['splits']['val']['documents'] == 1
 
 
+@pytest.mark.launches
 def test_trainer_trains_on_a_prepared_character_folder(tmp_path, monkeypatch):
     """A character-level folder from prepare is a dataset the trainer takes as --dataset=<folder>: 2 CPU
     ranks run an iteration on it with its vocabulary. (The inputs are named relative to tmp_path, so the

@@ -6,6 +6,7 @@ DeepSpeed runs on CPU (gloo)."""
 import re
 import shutil
 
+import pytest
 from conftest import TINY, launch, metrics, ok, one_error, snapshot
 
 from nanogpt_ds import checkpoints
@@ -24,6 +25,7 @@ def test_nan_stops_and_keeps_the_last_checkpoint(saved_run, tmp_path):
     assert snapshot(out, ignore_logs=True) == before
 
 
+@pytest.mark.launches
 def test_early_stop_saves_final(tmp_path, mix):
     out = tmp_path / 'out'
     # a learning rate too small to move the weights: val loss never improves on its first value

@@ -53,6 +53,7 @@ def sample_text(*args):
     return ok(sample(*args, merge_stderr=False)).stdout
 
 
+@pytest.mark.launches
 def test_fine_tune_starts_from_the_pretrained_weights(tmp_path):
     """init_from=<transformers folder> on 2 ranks: the first logged loss (before any update) and the step-0
     eval are the pretrained model's own losses on the same batches, so nothing was re-initialised. ZeRO-3,
@@ -205,6 +206,7 @@ def test_resume_on_another_number_of_ranks(char_run, tmp_path):
     assert checkpoints.latest_tag(str(out)) == 'final'
 
 
+@pytest.mark.launches
 def test_gpt2_bpe_run_exports_a_tokenizer_and_samples(tmp_path):
     """A GPT-2 BPE fine-tune (a tiny pretrained model with GPT-2's vocabulary) on ZeRO-3: the export carries
     GPT-2's tokenizer for transformers, and sample.py decodes with GPT-2 BPE from the run, the export and the
