@@ -56,17 +56,8 @@ def test_trains_and_checkpoints(saved_run, saved_run_zero3, stage):
 
 
 # Stopped and resumed, a run logs the losses of one that never stopped: ZeRO-2 in test_preemption's SIGTERM
-# test (with a dataset mix, dropout and accumulation), ZeRO-3 across two hosts in test_several_hosts.
-
-
-def test_resume_from_a_named_tag(saved_run, tmp_path):
-    """Not the newest tag (final, at iter 10): iter_6, and from there up to a new max_iters."""
-    out = tmp_path / 'out'
-    shutil.copytree(saved_run[0], out)
-    proc = ok(launch([*TINY, f'--out_dir={out}', '--max_iters=7', '--init_from=resume',
-                      '--resume_tag=iter_6']))
-    assert f'resumed at iter 6 from {out / "iter_6"}' in proc.stdout
-    assert [r['iter'] for r in metrics(out) if 'loss' in r][-1] == 6
+# test (with a dataset mix, dropout and accumulation), ZeRO-3 across two hosts in test_several_hosts; from a
+# named tag that is not the newest, and a run saved by the layout before nanogpt_ds/, in test_old_runs.
 
 
 def test_estimate_loss_agrees_across_ranks_and_with_one_process(saved_run, tmp_path):
