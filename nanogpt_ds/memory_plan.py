@@ -15,7 +15,7 @@ from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from model import GPT, GPTConfig, is_pretrained_source, num_params, pretrained_config
+from model import GPTConfig, is_pretrained_source, num_params, pretrained_config
 from nanogpt_ds.ds_setup import bf16_speedup, choose_dtype, die, offload_of, ranks_on_this_host
 from nanogpt_ds.perf import memory_mb
 
@@ -304,8 +304,7 @@ def dry_run(config, scratch_args, ds_config, world_size, dtype_why, time_bf16, d
         shape.block_size, shape.dropout = min(config['block_size'], shape.block_size), config['dropout']
     else:
         die(f'dry_run plans a start from scratch or a pretrained model, not init_from={init_from!r}')
-    with torch.device('meta'):
-        n_params = sum(p.numel() for p in GPT(shape).parameters())
+    n_params = num_params(shape)  # from the shape alone: a model built on 'meta' cost 2 s of the plan's 4
     if time_bf16:
         dtype, dtype_why = choose_dtype('auto', False, 0, True, False,
                                         bf16_speedup(shape, batch_size, collective=False))

@@ -1,16 +1,15 @@
 """dtype='auto' follows what the device computes natively; bf16 that a CPU only emulates runs, after one
 warning with the measured slowdown. Both kinds of CPU are real here: AVX2_ONLY caps oneDNN and ATen at AVX2,
 so a CPU with bf16 kernels answers and computes as one without (an AVX2 AMD EPYC, say)."""
-import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
-from conftest import AVX2_ONLY, REPO, TINY, dry_run, env, ok, run
+import torch
+from conftest import AVX2_ONLY, TINY, dry_run, env, ok, run
 
-from nanogpt_ds.ds_setup import choose_dtype
+from nanogpt_ds.ds_setup import choose_dtype, cpu_bf16_native
 
 
 @pytest.mark.parametrize('on_gpu,gpu_major,bf16_native,planning_gpus,bf16_speedup,expected', [
@@ -29,40 +28,25 @@ def test_auto_dtype_by_device(on_gpu, gpu_major, bf16_native, planning_gpus, bf1
     assert explicit == ('float32', '')
 
 
-MATMULS = '''
-import json
-from nanogpt_ds.ds_setup import cpu_bf16_native
-from nanogpt_ds.perf import matmul_flops
-print(json.dumps([cpu_bf16_native(), matmul_flops('float32', seconds=0.3),
-                  matmul_flops('bfloat16', seconds=0.3)]))
-'''
-
-
-@pytest.mark.parametrize('cpu', ['this', 'avx2_only'])
-def test_the_cpus_answer_agrees_with_a_timed_matmul(cpu):
-    """Native bf16 runs at least a fifth of fp32's speed (0.7x to 13x fp32's on the Xeons measured); emulated,
-    an eighth or less (1/60 on an AVX2 EPYC, 1/10 on a Xeon with AMX under AVX2_ONLY)."""
-    extra = AVX2_ONLY if cpu == 'avx2_only' else {}
-    proc = subprocess.run([sys.executable, '-c', MATMULS], cwd=REPO, env=env(**extra, OMP_NUM_THREADS='1'),
-                          capture_output=True, text=True, timeout=120)
-    native, fp32, bf16 = json.loads(proc.stdout)
-    assert native == (bf16 >= fp32 / 5), (native, fp32, bf16)
-    assert native or bf16 <= fp32 / 8, (native, fp32, bf16)
-    if cpu == 'avx2_only':
-        assert not native
-
-
 def auto_plan(*args, extra=None):
     """The dry run's text for TINY with dtype auto."""
     return ok(dry_run(*TINY, '--dtype=auto', *args, environ=env(**(extra or {}))))
 
 
 def test_auto_says_what_it_picked_and_why():
-    """Here: bf16 where a block of the model, timed forward and backward, is clearly faster in bf16 than
-    fp32."""
+    """What the CPU says it has decides: where ATen runs at AVX2 or less (an AVX2 EPYC; any CPU under
+    AVX2_ONLY) oneDNN has no bf16 kernels and auto keeps fp32, naming the capability; with kernels, bf16 where
+    a block of the model, timed forward and backward, is clearly faster in bf16 than fp32, as the line says.
+    No speed is asserted: emulated bf16 ran at 1/60 of fp32's speed on one AVX2 EPYC, 1/5 on a Zen 4 capped
+    at AVX2."""
+    capability = torch.backends.cpu.get_cpu_capability()
     said = re.search(r"dtype auto -> (\w+): (.*)", auto_plan().stdout)
-    if 'no bf16 kernels' in said.group(2):
-        assert said.group(1) == 'float32'
+    if capability in ('AVX2', 'DEFAULT', 'NO AVX'):
+        assert not cpu_bf16_native()
+        assert said.group(0) == f'dtype auto -> float32: this CPU ({capability}) has no bf16 kernels: bf16 ' \
+                                'would be emulated, 10-60x slower'
+    elif not cpu_bf16_native():
+        assert said.group(1) == 'float32' and 'no bf16 kernels' in said.group(2)
     else:
         measured = re.search(r'a block of this model runs ([\d.]+)x as fast in bf16', said.group(2))
         speedup = float(measured.group(1))
@@ -81,8 +65,8 @@ def test_emulated_bf16_runs_after_one_warning_and_keeps_mfu_honest(tmp_path):
                    '--max_iters=3', '--eval_interval=3'], environ=env(**AVX2_ONLY)))
     warnings = [line for line in proc.stdout.splitlines() if line.startswith('warning: dtype=bfloat16')]
     assert len(warnings) == 1, proc.stdout[-3000:]
-    slowdown = float(re.search(r'runs (\d+)x slower than fp32 here', warnings[0]).group(1))
-    assert slowdown >= 4 and '--dtype=auto picks float32' in warnings[0]  # 11x measured here, 60x on an EPYC
+    assert re.search(r'runs \d+x slower than fp32 here', warnings[0])  # 11x on a Xeon, 60x on an EPYC
+    assert '--dtype=auto picks float32' in warnings[0]
     assert 'ZeRO-2, bfloat16, 1 rank(s)' in proc.stdout
     shares = [float(m) for m in re.findall(r'MFU ([\d.]+)%', proc.stdout)]
     assert all(share <= 100 for share in shares), proc.stdout[-3000:]
