@@ -37,8 +37,8 @@ def test_deepspeed_missing(tmp_path):
 
 
 def test_the_cpu_demo(cpu_demo):
-    """The README's demo through the launcher script, its first half: it must learn Shakespeare (val loss
-    <= 2.1 at iter 350, about 1.97 measured; a unigram model gets about 3.3) and print a sample."""
+    """The README's demo through the launcher script, its first quarter: it must learn Shakespeare (val loss
+    <= 2.45 at iter 175, 2.30 measured on an AVX2 EPYC; a unigram model gets about 3.3) and print a sample."""
     proc, out = cpu_demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'GPUs:        2 CPU ranks (gloo)' in proc.stdout
@@ -47,7 +47,7 @@ def test_the_cpu_demo(cpu_demo):
     assert 'dtype auto -> ' in proc.stdout
     assert f'checkpoints: {out} (final is the newest' in proc.stdout
     final = [json.loads(line) for line in open(out / 'metrics.jsonl') if 'val_loss' in line][-1]
-    assert final['iter'] == DEMO_ITERS and final['val_loss'] <= 2.1
+    assert final['iter'] == DEMO_ITERS and final['val_loss'] <= 2.45
     sample = proc.stdout.split('-' * 40)[1]
     assert len(sample) > 200 and sample.count(' ') > 20  # words, not one long token soup
     log = proc.stdout + proc.stderr  # no library warning a user cannot act on (ds_setup.LIBRARY_WARNINGS)
