@@ -22,7 +22,8 @@ import torch
 from nanogpt_ds import checkpoints, data_sources
 from nanogpt_ds.loss_plot import plot_after_run
 from nanogpt_ds.model_init import build, start_shape
-from nanogpt_ds.perf import MetricsLog, StepMeter, eval_line, log_line, progress_bar, write_run_json
+from nanogpt_ds.perf import (MetricsLog, StepMeter, eval_line, log_line, progress_bar, start_line,
+                             write_run_json)
 from nanogpt_ds.preemption import StopFlag
 from nanogpt_ds.tokenizer import sample_text
 
@@ -93,9 +94,9 @@ config_keys, overrides, followed = configure(globals())  # followed: e.g. lr_dec
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
 from nanogpt_ds import settings
-from nanogpt_ds.ds_setup import (die, exit_cleanly, init_distributed, offload_of, prepare_process,
-                                 resolve_compile, resolve_ds_config, resolve_dtype, settle_cpu_dtype,
-                                 start_engine, use_device, user_errors)
+from nanogpt_ds.ds_setup import (die, exit_cleanly, init_distributed, nonfinite_fix, offload_of,
+                                 prepare_process, resolve_compile, resolve_ds_config, resolve_dtype,
+                                 settle_cpu_dtype, start_engine, use_device, user_errors)
 
 with user_errors():  # before DeepSpeed loads: a wrong number costs a second, not five
     settings.check(config)
@@ -206,17 +207,12 @@ if master_process:
     checkpoints.keep_vocabulary(out_dir, meta_path)
     write_run_json(out_dir, dict(config=config, ds_config=ds_config, world_size=world_size, n_params=n_params,
                                  model_args=model_args, resumed_at=resumed_at, **meter.run_info()))
-    print(f'{init_from} -> {n_params / 1e6:.2f}M parameters; ZeRO-{stage}, {dtype}, '
-          f'{world_size} rank(s) on {accelerator.device_name()} ({dist.get_backend()}); train_batch_size = '
-          f'{batch_size} x {gradient_accumulation_steps} x {world_size} = {ds_config["train_batch_size"]} '
-          f'sequences, {tokens_per_iter:,} tokens per iter')
-    for line in (followed, note, compile_note):  # what followed another setting; how it resumed; compiling
+    print(start_line(config, n_params, world_size, f'{accelerator.device_name()} ({dist.get_backend()})',
+                     tokens_per_iter))
+    dtype_line = f'dtype auto -> {dtype}: {dtype_why}' if dtype_why else ''
+    for line in (followed, note, compile_note, dtype_line):  # what followed another setting; how it resumed
         if line:
             print(line)
-    if dtype_why:
-        print(f'dtype auto -> {dtype}: {dtype_why}')
-    if world_size == 1 and stage > 0:  # docs/performance.md: ZeRO-2 ran 0.89x the plain loop on one CPU rank
-        print(f'note: ZeRO-{stage} on one rank partitions nothing and costs time; "stage": 0 is faster')
     print(meter.start_lines())  # MFU's peak, the host memory the start needed
 
 # metrics.jsonl, and wandb / tensorboard when asked for; a resumed run continues its checkpoint's wandb run
@@ -265,11 +261,7 @@ def estimate_loss():
 
 def stop_nonfinite(where):
     """Stop every rank on a NaN/inf loss, saving nothing: the last checkpoint stays the one to resume."""
-    fix = 'a lower --learning_rate'
-    if dtype == 'bfloat16':
-        fix += ' or --dtype=float32'
-    if dtype == 'float16':
-        fix += ' or --dtype=bfloat16'
+    fix = nonfinite_fix(dtype)
     kept = checkpoints.latest_tag(out_dir)
     then = f'the last checkpoint {kept} is untouched: resume from it with' if kept else 'try'
     die(f'loss is NaN/inf {where} (lr {get_lr(iter_num):.3g}, {dtype}): stopped without saving; {then} {fix}')

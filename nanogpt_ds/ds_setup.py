@@ -178,6 +178,16 @@ def settle_cpu_dtype(shape, micro_batch, saved, ds_config):
     return dtype, why
 
 
+def nonfinite_fix(dtype):
+    """What to try after a NaN/inf loss in this precision."""
+    fix = 'a lower --learning_rate'
+    if dtype == 'bfloat16':
+        fix += ' or --dtype=float32'
+    if dtype == 'float16':
+        fix += ' or --dtype=bfloat16'
+    return fix
+
+
 def emulated_bf16_warning():
     """The warning for an explicit bf16 on a CPU that emulates it, with the slowdown measured here."""
     fp32, bf16 = matmul_flops('float32', seconds=0.2), matmul_flops('bfloat16', seconds=0.2)

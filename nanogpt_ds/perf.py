@@ -102,6 +102,19 @@ def mfu(flops_per_s, world_size, peak_flops):
     return share, ''
 
 
+def start_line(config, n_params, world_size, where, tokens_per_iter):
+    """The start's first line: the model, ZeRO and precision, the ranks, and the batch identity; and a note
+    when ZeRO runs on one rank (docs/performance.md: ZeRO-2 ran 0.89x the plain loop on one CPU rank)."""
+    micro, accumulation = config['batch_size'], config['gradient_accumulation_steps']
+    stage = config['zero_stage']
+    line = (f"{config['init_from']} -> {n_params / 1e6:.2f}M parameters; ZeRO-{stage}, {config['dtype']}, "
+            f'{world_size} rank(s) on {where}; train_batch_size = {micro} x {accumulation} x {world_size} = '
+            f'{micro * accumulation * world_size} sequences, {tokens_per_iter:,} tokens per iter')
+    if world_size == 1 and stage > 0:
+        line += f'\nnote: ZeRO-{stage} on one rank partitions nothing and costs time; "stage": 0 is faster'
+    return line
+
+
 def eval_line(iter_num, losses):
     """Rank 0's line for an eval: train and val loss, and a mix's val loss per dataset."""
     line = f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
