@@ -37,6 +37,7 @@ def test_trains_and_checkpoints(saved_run, saved_run_zero3, stage):
     # a normal run says nothing a user cannot act on: no library's Python warning (DeepSpeed's deprecated
     # torch.distributed calls are filtered by ds_setup.LIBRARY_WARNINGS)
     assert not re.search(r'^\S+:\d+: \w*Warning: ', stdout, re.M), stdout
+    assert '\r' not in stdout  # not a terminal: plain lines, no progress bar (on one: test_observability)
     # checkpoints: latest names the final tag, whose shards are all there: each rank its optimizer states,
     # the model states rank 0 alone (ZeRO-2) or each rank its share (ZeRO-3), and the checksums of them all
     assert checkpoints.latest_tag(str(out)) == 'final'

@@ -1,6 +1,7 @@
 """What a run shows about itself, on real 2-rank runs: MFU, the phase breakdown, memory, run.json, the
 progress bar, and the same figures in wandb (offline), tensorboard and loss.png; a resumed run keeps its
 wandb run."""
+import concurrent.futures
 import glob
 import json
 import os
@@ -26,10 +27,13 @@ def offline_wandb(monkeypatch):
 
 @pytest.mark.launches
 def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
+    """The first run on a terminal (a pty): tqdm's bar on rank 0 with the log lines above it (off the
+    terminal there is no bar: test_deepspeed_runs' saved run); resumed, the same wandb run goes on."""
     out = tmp_path / 'out'
     args = [*TINY, f'--out_dir={out}', '--wandb_log=True', '--tensorboard_log=True',
             '--gradient_accumulation_steps=2']
-    proc = ok(launch([*args, '--max_iters=4', '--eval_interval=2', '--plot=True']))
+    shown = in_a_terminal([*args, '--max_iters=4', '--eval_interval=2', '--plot=True'])
+    assert re.search(r'\b4/4 \[', shown) and ('iter/s' in shown or 's/iter' in shown)  # tqdm's bar, its rate
     train = [r for r in metrics(out) if 'loss' in r]
     assert [r['iter'] for r in train] == [0, 1, 2, 3]
     for r in train:
@@ -39,9 +43,8 @@ def test_metrics_logs_and_resume_keep_one_wandb_run(tmp_path):
         assert shares['forward'] > 0.02 and shares['backward'] > 0.02
         assert r['grad_norm'] > 0  # DeepSpeed's own, ZeRO-2's
     line_3 = r'iter 3: loss [\d.]+, lr \S+, grad norm [\d.]+, .*MFU [\d.]+% \(data \d+% forward \d+%'
-    assert re.search(line_3, proc.stdout)
-    assert 'MFU against' in proc.stdout and "the model's matmuls timed at start" in proc.stdout
-    assert '\r' not in proc.stdout  # not a terminal: plain lines, no progress bar
+    assert re.search(line_3, shown)  # above the bar
+    assert 'MFU against' in shown and "the model's matmuls timed at start" in shown
 
     run = json.load(open(out / 'run.json'))
     assert run['world_size'] == 2 and len(run['devices']) == 2 and run['config']['max_iters'] == 4
@@ -84,12 +87,14 @@ def test_grad_norm_is_before_clipping_at_every_stage(tmp_path):
     zero0 = tmp_path / 'zero0.json'
     config = json.load(open(os.path.join(REPO, 'ds_config_zero2.json')))
     zero0.write_text(json.dumps({**config, 'zero_optimization': {'stage': 0}}))
-    norms = {}
-    for name, ds_config in (('zero0', zero0), ('zero2', 'ds_config_zero2.json')):
-        out = tmp_path / name
-        ok(run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--max_iters=2',
-                '--eval_interval=2', f'--deepspeed_config={ds_config}', '--grad_clip=1.0']))
-        norms[name] = [r['grad_norm'] for r in metrics(out) if 'loss' in r]
+    stages = {'zero0': zero0, 'zero2': 'ds_config_zero2.json'}
+    commands = [[sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={tmp_path / name}', '--max_iters=2',
+                 '--eval_interval=2', f'--deepspeed_config={ds_config}', '--grad_clip=1.0']
+                for name, ds_config in stages.items()]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # one core each
+        for proc in pool.map(run, commands):
+            ok(proc)
+    norms = {name: [r['grad_norm'] for r in metrics(tmp_path / name) if 'loss' in r] for name in stages}
     assert norms['zero0'][0] == pytest.approx(norms['zero2'][0], rel=1e-4)
     assert norms['zero0'][0] > 1.0 and len(norms['zero0']) == len(norms['zero2']) == 2
 
@@ -112,13 +117,10 @@ def in_a_terminal(args, ranks=2):
 
 
 @pytest.mark.launches
-def test_progress_bar_on_a_terminal(tmp_path):
-    args = [*TINY, '--max_iters=3', '--eval_interval=3']
-    shown = in_a_terminal([*args, f'--out_dir={tmp_path / "a"}'])
-    # tqdm's bar with its rate
-    assert re.search(r'\b3/3 \[', shown) and ('iter/s' in shown or 's/iter' in shown)
-    assert 'iter 2: loss' in shown  # the log lines still appear, above the bar
-    plain = in_a_terminal([*args, f'--out_dir={tmp_path / "b"}', '--progress=False'], ranks=1)
+def test_no_progress_bar_when_asked_on_a_terminal(tmp_path):
+    """--progress=False: plain log lines on a terminal too (the bar itself: the test above)."""
+    plain = in_a_terminal([*TINY, '--max_iters=3', '--eval_interval=3', f'--out_dir={tmp_path}',
+                           '--progress=False'], ranks=1)
     assert not re.search(r'\d/3 \[', plain) and 'iter 2: loss' in plain
 
 
