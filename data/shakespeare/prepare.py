@@ -4,13 +4,10 @@ train, the rest val.
     python data/shakespeare/prepare.py [--input FILE] [--offline]
 No meta.json: its absence tells the trainer and sample.py to use GPT-2's BPE and 50257 tokens.
 """
-import importlib.util
 import os
+import runpy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# data/shakespeare_text.py, which both Shakespeare scripts share, by its path: no import path to set
-spec = importlib.util.spec_from_file_location('shakespeare_text',
-                                              os.path.join(HERE, '..', 'shakespeare_text.py'))
-shakespeare_text = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(shakespeare_text)
-shakespeare_text.main(__doc__, HERE, 'gpt2')
+# data/shakespeare_text.py, which both Shakespeare scripts share, run by its path: no import path to set
+main = runpy.run_path(os.path.join(HERE, '..', 'shakespeare_text.py'))['main']
+main(__doc__, HERE, 'gpt2')
