@@ -1,5 +1,6 @@
 """Helpers for tests that launch the real deepspeed launcher with CPU ranks over gloo."""
 import ast
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -259,3 +260,21 @@ def saved_run_zero3(tmp_path_factory):
     out = tmp_path_factory.mktemp('run_zero3') / 'out'
     proc = ok(launch([*SAVED_RUN, *ZERO3_CHECKPOINTING, f'--out_dir={out}']))
     return out, proc.stdout
+
+
+# Many independent single-process commands (error lines, --help): each imports torch to say its line, about
+# 2 s of one core, so they run two at a time, this machine's two cores. A module fixture starts every case's
+# command at once; each case stays its own test and takes its own result.
+@pytest.fixture(scope='module')
+def two_at_a_time():
+    """A pool of two workers for a module's commands. Future.result() raises, in the one test that asks for
+    it, whatever its case raised. The module's end waits for every command started."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        yield pool
+
+
+def selected(request, tests, param='case'):
+    """(test name, its `param` value, None if it has none) for each test of the requesting module named in
+    `tests` that this session runs (after -k and -m), in running order: the cases a module fixture starts."""
+    return [(item.originalname, item.callspec.params[param] if hasattr(item, 'callspec') else None)
+            for item in request.session.items if item.module is request.module and item.originalname in tests]

@@ -4,17 +4,25 @@ untouched (here it holds a finished run's checkpoint, which must be byte-for-byt
 file added or removed).
 
 The trainer's cases run as plain `python train_deepspeed.py` (a world of one): every check here happens before
-training, so the 2-rank launcher would only add start-up time. The one 2-rank run is the finished run
-itself."""
+training, so the 2-rank launcher would only add start-up time. The 2-rank runs are the finished run itself and
+the one that shows the line arriving when rank 0 is late.
+
+Each case is one command of its own, in a folder of its own with its own copy of the finished run. A module
+fixture prepares them all (files, copies, models: here, in order) and runs the commands two at a time; each
+case's test asserts on its own command's result."""
+import concurrent.futures
+import functools
 import json
 import os
 import shutil
 import sys
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import pytest
-from conftest import BIN, REPO, TINY, TINY_RUN, env, launch, one_error, run, sh, slow_rank, snapshot, tiny_hf
+from conftest import (BIN, REPO, TINY, TINY_RUN, env, launch, one_error, run, selected, sh, slow_rank,
+                      snapshot, tiny_hf)
 
 from nanogpt_ds import checkpoints, data_sources
 
@@ -173,48 +181,17 @@ TRAINER_CASES = {
 }
 
 
-def attempt(tmp_path, finished_run, command_for, launch):
-    """One case against a copy of the finished run in tmp_path/out: command_for(out) makes the case's changes
-    to the copy and gives its command, launch(command) runs it. (process, out_dir before, out_dir after)."""
-    out = tmp_path / 'out'
-    shutil.copytree(finished_run, out)
-    command = command_for(out)
-    before = snapshot(out)  # after the case's own changes: what the command does to out_dir is what counts
-    proc = launch(command)
-    return proc, before, snapshot(out)
+# --- the line on 2 ranks (the first test: it runs before any case's command, on cores of its own) ---------
 
-
-def attempt_trainer(case, tmp_path, finished_run):
-    setup, _ = TRAINER_CASES[case]
-
-    def command_for(out):
-        return [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', *setup(tmp_path, out)]
-
-    def launch(cmd):
-        return run(cmd, timeout=120, environ=OFFLINE)
-
-    return attempt(tmp_path, finished_run, command_for, launch)
-
-
-@pytest.mark.parametrize('case', list(TRAINER_CASES))
-def test_trainer_refuses(case, tmp_path, finished_run):
-    proc, before, after = attempt_trainer(case, tmp_path, finished_run)
-    line = one_error(proc)
-    assert after == before
-    for phrase in TRAINER_CASES[case][1]:
-        assert phrase in line, (phrase, line)
-
-
-# Cases found at different moments of a start: before DeepSpeed loads, before the process group, after the
-# model is built. Rank 1 must not exit before rank 0 has said the line (the launcher kills the other ranks as
-# soon as one exits).
-ORDERED_CASES = ['max_iters_negative', 'dataset_folder_without_bins', 'block_size_beyond_pretrained_context']
-
-
-@pytest.mark.parametrize('case', ORDERED_CASES)
-def test_the_line_arrives_when_rank_0_is_slower(case, tmp_path, finished_run):
-    """On 2 ranks, rank 0 starting 3 s late so that rank 1 finds the problem first: still the one line."""
-    setup, phrases = TRAINER_CASES[case]
+@pytest.mark.launches
+def test_the_line_arrives_when_rank_0_is_slower(tmp_path, finished_run):
+    """On 2 ranks, rank 0 starting 3 s late: rank 1 finds the problem first (a dataset folder without its
+    .bin files, found before the process group, where no rank waits for another) and leaves the line to rank
+    0, which still says it once; out_dir stays as it was. A rank 1 that said it and exited at once would have
+    the launcher kill rank 0, and the line could come from either. Every check stops a rank through the same
+    die() (nanogpt_ds/ds_setup.py), whenever it finds its problem; test_trainer_refuses has every case, on a
+    world of one."""
+    setup, phrases = TRAINER_CASES['dataset_folder_without_bins']
     out = tmp_path / 'out'
     shutil.copytree(finished_run, out)
     before = snapshot(out)
@@ -225,50 +202,41 @@ def test_the_line_arrives_when_rank_0_is_slower(case, tmp_path, finished_run):
         assert phrase in line, (phrase, line)
 
 
-def test_resume_from_a_missing_out_dir_creates_nothing(tmp_path):
-    out = tmp_path / 'never'
-    proc = run([sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--init_from=resume'])
-    line = one_error(proc)
-    assert 'nothing to resume' in line and not out.exists()
+# --- every case, one command each, two at a time ------------------------------------------------------------
+
+class Attempt(NamedTuple):
+    proc: object  # the CompletedProcess
+    before: dict  # snapshot of out_dir once the case had made its changes, before the command
+    after: dict  # and after the command
+    out: object  # out_dir
+    tmp: object  # the case's own folder
 
 
-@pytest.mark.parametrize('case', ['short', 'odd', 'ids', 'unwritable'])
-def test_bad_data_and_out_dir_are_one_line(tmp_path, case):
-    """Data that cannot be trained on, or an out_dir under a file: the line names the file at fault (a path
-    under tmp_path, which TRAINER_CASES' fixed phrases cannot name), and out_dir, absent before, stays
-    absent."""
-    char = os.path.join(REPO, 'data', 'shakespeare_char')
-    data = tmp_path / 'data'
-    data.mkdir()
-    ids = np.fromfile(os.path.join(char, 'val.bin'), dtype=np.uint16)
-    for split in ('train', 'val'):
-        ids.tofile(data / f'{split}.bin')
-    shutil.copy(data_sources.vocabulary_file(char), data)
-    out = tmp_path / 'out'
-    a_file = tmp_path / 'a_file'
-    if case == 'short':
-        ids[:20].tofile(data / 'val.bin')
-    elif case == 'odd':
-        with open(data / 'train.bin', 'ab') as f:
-            f.write(b'\0')
-    elif case == 'ids':
-        bad = ids.copy()
-        bad[1000] = 500
-        bad.tofile(data / 'train.bin')
-    else:
-        a_file.write_text('')
-        out = a_file / 'out'
-    args = [*TINY, f'--dataset={data}', f'--out_dir={out}', '--max_iters=2']
-    line = one_error(run([sys.executable, 'train_deepspeed.py', *args]))
-    expected = {'short': f'{data}/val.bin holds 20 tokens, fewer than block_size + 1 = 33',
-                'odd': f'{data}/train.bin has {2 * len(ids) + 1:,} bytes, an odd number',
-                'ids': f'{data}/train.bin holds token id 500 (at token 1,000) but the model has 85 ids',
-                'unwritable': f'out_dir={out} cannot be written ({a_file} is not a writable folder)'}[case]
-    assert expected in line
-    assert not out.exists() or case == 'unwritable'
+def start(pool, tmp, prepare):
+    """prepare() here, in order: the case's files and its out_dir (out, command); then command() in the pool.
+    A Future of the Attempt, or of what prepare raised, which only the case's own test reports."""
+    try:
+        out, command = prepare()
+        before = snapshot(out)  # after the case's changes: what the command does to out_dir is what counts
+    except Exception as e:
+        failed = concurrent.futures.Future()
+        failed.set_exception(e)
+        return failed
+    return pool.submit(lambda: Attempt(command(), before, snapshot(out), out, tmp))
 
 
-# --- run_deepspeed_xl.sh ------------------------------------------------------------------------------------
+def copy_of(finished_run, tmp):
+    out = tmp / 'out'
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def trainer_attempt(case, tmp, finished_run):
+    setup, _ = TRAINER_CASES[case]
+    out = copy_of(finished_run, tmp)
+    command = [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', *setup(tmp, out)]
+    return out, lambda: run(command, timeout=120, environ=OFFLINE)
+
 
 def fake_gpus(tmp_path, count):
     """An environment whose `python` reports `count` CUDA devices to the script's GPU count and is the
@@ -325,31 +293,14 @@ LAUNCHER_CASES = {
 }
 
 
-def attempt_launcher(case, tmp_path, finished_run):
+def launcher_attempt(case, tmp, finished_run):
     setup, _ = LAUNCHER_CASES[case]
-
-    def command_for(out):
-        args, environ = setup(tmp_path)  # the case's own arguments come last
-        return [*TINY, f'--out_dir={out}', '--max_iters=1', '--eval_iters=1', *args], environ
-
-    def launch(command):
-        args, environ = command
-        script = tmp_path / 'repo' / os.path.basename(SCRIPT)  # made by fake_gpus
-        return sh(*args, environ=environ, script=str(script) if script.exists() else SCRIPT)
-
-    return attempt(tmp_path, finished_run, command_for, launch)
-
-
-@pytest.mark.parametrize('case', list(LAUNCHER_CASES))
-def test_launcher_script_refuses(case, tmp_path, finished_run):
-    """Exit 1, or 2 for a setting the trainer itself would refuse (the script asks configurator.py)."""
-    proc, before, after = attempt_launcher(case, tmp_path, finished_run)
-    line = one_error(proc)
-    assert proc.returncode == (2 if case == 'unknown_key' else 1)
-    assert after == before
-    assert 'running:' not in proc.stdout  # stopped before anything was launched
-    for phrase in LAUNCHER_CASES[case][1]:
-        assert phrase.format(tmp=tmp_path) in line, (phrase, line)
+    out = copy_of(finished_run, tmp)
+    args, environ = setup(tmp)  # the case's own arguments come last
+    script = tmp / 'repo' / os.path.basename(SCRIPT)  # made by fake_gpus
+    script = str(script) if script.exists() else SCRIPT
+    return out, lambda: sh(*TINY, f'--out_dir={out}', '--max_iters=1', '--eval_iters=1', *args,
+                           environ=environ, script=script)
 
 
 # The other commands: each number or name that cannot work, one line before anything is read or written (the
@@ -380,14 +331,127 @@ COMMAND_CASES = {
     'prepare_typo': (lambda out: ['data/prepare.py', 'README.md', '--nme', 'x'], ['did you mean --name?']),
 }
 
+def command_attempt(case, tmp, finished_run):
+    out = copy_of(finished_run, tmp)
+    command = [sys.executable, *COMMAND_CASES[case][0](out)]
+    return out, lambda: run(command, timeout=120, environ=OFFLINE)
+
+
+ATTEMPTS = {'test_trainer_refuses': trainer_attempt, 'test_launcher_script_refuses': launcher_attempt,
+            'test_other_commands_refuse': command_attempt}
+
+
+@pytest.fixture(scope='module')
+def refusals(two_at_a_time, finished_run, tmp_path_factory, request):
+    """(test, case) -> Future of the Attempt, for every case of the three tables that this session runs, all
+    started at once: each in a folder of its own, against its own copy of the finished run."""
+    started = {}
+    for test, case in selected(request, ATTEMPTS):
+        tmp = tmp_path_factory.mktemp(case)
+        prepare = functools.partial(ATTEMPTS[test], case, tmp, finished_run)
+        started[test, case] = start(two_at_a_time, tmp, prepare)
+    return started
+
+
+@pytest.mark.parametrize('case', list(TRAINER_CASES))
+def test_trainer_refuses(case, refusals):
+    proc, before, after, _, _ = refusals['test_trainer_refuses', case].result()
+    line = one_error(proc)
+    assert after == before
+    for phrase in TRAINER_CASES[case][1]:
+        assert phrase in line, (phrase, line)
+
+
+@pytest.mark.parametrize('case', list(LAUNCHER_CASES))
+def test_launcher_script_refuses(case, refusals):
+    """Exit 1, or 2 for a setting the trainer itself would refuse (the script asks configurator.py)."""
+    proc, before, after, _, tmp = refusals['test_launcher_script_refuses', case].result()
+    line = one_error(proc)
+    assert proc.returncode == (2 if case == 'unknown_key' else 1)
+    assert after == before
+    assert 'running:' not in proc.stdout  # stopped before anything was launched
+    for phrase in LAUNCHER_CASES[case][1]:
+        assert phrase.format(tmp=tmp) in line, (phrase, line)
+
 
 @pytest.mark.parametrize('case', list(COMMAND_CASES))
-def test_other_commands_refuse(case, tmp_path, finished_run):
-    args, phrases = COMMAND_CASES[case]
-    out = tmp_path / 'out'
-    shutil.copytree(finished_run, out)
-    before = snapshot(out)
-    line = one_error(run([sys.executable, *args(out)], timeout=120, environ=OFFLINE))
-    assert snapshot(out) == before
-    for phrase in phrases:
+def test_other_commands_refuse(case, refusals):
+    proc, before, after, _, _ = refusals['test_other_commands_refuse', case].result()
+    line = one_error(proc)
+    assert after == before
+    for phrase in COMMAND_CASES[case][1]:
         assert phrase in line, (phrase, line)
+
+
+# --- without a finished run: out_dir, absent before, stays absent -------------------------------------------
+
+def resume_attempt(case, tmp):
+    """--init_from=resume into an out_dir that does not exist."""
+    out = tmp / 'never'
+    command = [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}', '--init_from=resume']
+    return out, lambda: run(command)
+
+
+def bad_data_attempt(case, tmp):
+    """A copy of Shakespeare's val.bin as both splits, with its vocabulary, spoilt as the case says; or good
+    data and an out_dir under a file."""
+    char = os.path.join(REPO, 'data', 'shakespeare_char')
+    data = tmp / 'data'
+    data.mkdir()
+    ids = np.fromfile(os.path.join(char, 'val.bin'), dtype=np.uint16)
+    for split in ('train', 'val'):
+        ids.tofile(data / f'{split}.bin')
+    shutil.copy(data_sources.vocabulary_file(char), data)
+    out = tmp / 'out'
+    if case == 'short':
+        ids[:20].tofile(data / 'val.bin')
+    elif case == 'odd':
+        with open(data / 'train.bin', 'ab') as f:
+            f.write(b'\0')
+    elif case == 'ids':
+        bad = ids.copy()
+        bad[1000] = 500
+        bad.tofile(data / 'train.bin')
+    else:
+        (tmp / 'a_file').write_text('')
+        out = tmp / 'a_file' / 'out'
+    args = [*TINY, f'--dataset={data}', f'--out_dir={out}', '--max_iters=2']
+    return out, lambda: run([sys.executable, 'train_deepspeed.py', *args])
+
+
+FRESH_ATTEMPTS = {'test_resume_from_a_missing_out_dir_creates_nothing': resume_attempt,
+                  'test_bad_data_and_out_dir_are_one_line': bad_data_attempt}
+
+
+@pytest.fixture(scope='module')
+def fresh_refusals(two_at_a_time, tmp_path_factory, request):
+    """(test, case) -> Future of the Attempt, for each case below that this session runs, all started at
+    once."""
+    started = {}
+    for test, case in selected(request, FRESH_ATTEMPTS):
+        tmp = tmp_path_factory.mktemp(case or 'resume')
+        started[test, case] = start(two_at_a_time, tmp, functools.partial(FRESH_ATTEMPTS[test], case, tmp))
+    return started
+
+
+def test_resume_from_a_missing_out_dir_creates_nothing(fresh_refusals):
+    proc, _, _, out, _ = fresh_refusals['test_resume_from_a_missing_out_dir_creates_nothing', None].result()
+    line = one_error(proc)
+    assert 'nothing to resume' in line and not out.exists()
+
+
+@pytest.mark.parametrize('case', ['short', 'odd', 'ids', 'unwritable'])
+def test_bad_data_and_out_dir_are_one_line(case, fresh_refusals):
+    """Data that cannot be trained on, or an out_dir under a file: the line names the file at fault (a path
+    under the case's folder, which TRAINER_CASES' fixed phrases cannot name), and out_dir, absent before,
+    stays absent."""
+    proc, _, _, out, tmp = fresh_refusals['test_bad_data_and_out_dir_are_one_line', case].result()
+    line = one_error(proc)
+    data, a_file = tmp / 'data', tmp / 'a_file'
+    tokens = len(np.fromfile(os.path.join(REPO, 'data', 'shakespeare_char', 'val.bin'), dtype=np.uint16))
+    expected = {'short': f'{data}/val.bin holds 20 tokens, fewer than block_size + 1 = 33',
+                'odd': f'{data}/train.bin has {2 * tokens + 1:,} bytes, an odd number',
+                'ids': f'{data}/train.bin holds token id 500 (at token 1,000) but the model has 85 ids',
+                'unwritable': f'out_dir={out} cannot be written ({a_file} is not a writable folder)'}[case]
+    assert expected in line
+    assert not out.exists() or case == 'unwritable'
