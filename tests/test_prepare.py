@@ -3,7 +3,7 @@ split by document, each document ended by an end-of-text id. The work is cut int
 --num_proc, so neither do the bytes; a text file cut into units tokenizes as the whole text does. Bad input is
 skipped and summed up, or, where nothing usable is left, one 'error:' line. Most cases run prepare in this
 process (main() raises the ValueError that the command prints as its error line); two run the command, and
-one trains on what it wrote."""
+one trains on what it wrote (a world of one: the data a rank reads does not depend on how many there are)."""
 import gzip
 import importlib.util
 import json
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BIN, REPO, TINY, env, launch, metrics, ok, one_error, run, snapshot
+from conftest import BIN, REPO, TINY, env, metrics, ok, one_error, run, snapshot
 
 from nanogpt_ds import data_sources
 from nanogpt_ds.tokenizer import EOT_TOKEN, gpt2_encoding, load_codec
@@ -338,11 +338,11 @@ def test_a_killed_run_leaves_no_dataset(tmp_path):
     assert summary['splits']['train']['documents'] == summary['splits']['val']['documents'] == 1
 
 
-@pytest.mark.launches
 def test_trainer_trains_on_a_prepared_character_folder(tmp_path, monkeypatch):
-    """A character-level folder from prepare is a dataset the trainer takes as --dataset=<folder>: 2 CPU
-    ranks run an iteration on it with its vocabulary. (The inputs are named relative to tmp_path, so the
-    split, a hash of the names, is the same in every run.)"""
+    """A character-level folder from prepare is a dataset the trainer takes as --dataset=<folder>: the
+    trainer (`python train_deepspeed.py`, a world of one) runs an iteration and an eval on it with its
+    vocabulary. (The inputs are named relative to tmp_path, so the split, a hash of the names, is the same in
+    every run.)"""
     text = shakespeare(30_000)
     pieces = text.split('\n\n')
     for i in range(20):
@@ -353,6 +353,9 @@ def test_trainer_trains_on_a_prepared_character_folder(tmp_path, monkeypatch):
     block_size = int(next(a for a in TINY if a.startswith('--block_size='))[13:])
     assert min(summary['splits'][s]['tokens'] for s in ('train', 'val')) > block_size + 1
     out = tmp_path / 'out'
-    proc = ok(launch([*TINY, f'--dataset={dest}', f'--out_dir={out}', '--max_iters=1', '--eval_interval=1']))
+    proc = ok(run([sys.executable, 'train_deepspeed.py', *TINY, f'--dataset={dest}', f'--out_dir={out}',
+                   '--max_iters=1', '--eval_interval=1']))
     evals = [record for record in metrics(out) if 'val_loss' in record]
     assert evals and np.isfinite(evals[-1]['val_loss']), proc.stdout[-2000:]
+    with open(out / 'run.json') as f:  # the model the trainer built: the folder's vocabulary, separator too
+        assert json.load(f)['model_args']['vocab_size'] == summary['vocab_size']
