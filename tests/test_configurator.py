@@ -1,11 +1,16 @@
+import copy
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
 
-from configurator import parse_overrides
+from configurator import configure, constants_of, parse_overrides
+
+TRAINER = os.path.join(REPO, 'train_deepspeed.py')
+TRAINER_CONSTANTS = constants_of(TRAINER)  # read once: parsing the script's settings block takes a while
 
 DEFAULTS = {'batch_size': 1, 'learning_rate': 3e-5, 'decay_lr': True, 'dataset': 'shakespeare',
             'dtype': 'auto'}
@@ -55,16 +60,18 @@ def test_unknown_key_names_the_nearest(tmp_path):
 
 
 def resolved(*args):
-    """The trainer's settings after config files and overrides (`python configurator.py`), nothing run."""
-    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', *args], cwd=REPO,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """The trainer's settings after config files and overrides, nothing run: the two calls of
+    `python configurator.py train_deepspeed.py ARGS` (test_resolves_the_trainers_constants runs that command),
+    in this process. Config files are named from the project's root, as there."""
+    settings = copy.deepcopy(TRAINER_CONSTANTS)
+    configure(settings, list(args), script=TRAINER)
+    return settings
 
 
-def test_a_setting_follows_the_one_it_is_usually(tmp_path):
+def test_a_setting_follows_the_one_it_is_usually(tmp_path, monkeypatch):
     """lr_decay_iters is max_iters and min_lr learning_rate / 10 unless given, from a config file or the
     command line; given, each keeps its value."""
+    monkeypatch.chdir(REPO)
     alone = resolved('--max_iters=2000')
     assert alone['lr_decay_iters'] == 2000 and alone['min_lr'] == 3e-6  # learning_rate was not given
     both = resolved('--max_iters=2000', '--learning_rate=1e-3')
@@ -78,22 +85,29 @@ def test_a_setting_follows_the_one_it_is_usually(tmp_path):
     assert demo['lr_decay_iters'] == 700 and demo['min_lr'] == 8e-4
 
 
+def configurator_command(*args):
+    """`python configurator.py train_deepspeed.py ARGS`, as the launcher script runs it, started."""
+    return subprocess.Popen([sys.executable, 'configurator.py', 'train_deepspeed.py', *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_resolves_the_trainers_constants():
-    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py',
-                           'config/train_shakespeare_char_cpu.py', '--max_iters=7'],
-                          cwd=REPO, capture_output=True, text=True)
-    s = json.loads(proc.stdout)
+    """The command prints the resolved constants as JSON; a bad key is one line on stderr and exit 2."""
+    good = configurator_command('config/train_shakespeare_char_cpu.py', '--max_iters=7')
+    bad = configurator_command('--max_iter=7')  # at the same time: it loads torch to say its line
+    (stdout, stderr), (_, refusal) = good.communicate(timeout=60), bad.communicate(timeout=60)
+    assert good.returncode == 0, stderr
+    s = json.loads(stdout)
     assert s['max_iters'] == 7 and s['dataset'] == 'shakespeare_char'
     assert s['gradient_accumulation_steps'] == 1
     assert s['learning_rate'] == 8e-3 and s['init_from'] == 'scratch'
-    proc = subprocess.run([sys.executable, 'configurator.py', 'train_deepspeed.py', '--max_iter=7'],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and "unknown key 'max_iter'" in proc.stderr
+    assert bad.returncode == 2 and refusal.count('\n') == 1 and "unknown key 'max_iter'" in refusal, refusal
 
 
-def test_defaults_are_the_headline_job():
+def test_defaults_are_the_headline_job(monkeypatch):
     """Plain `deepspeed train_deepspeed.py` runs the job of config/train_gpt2_xl_shakespeare.py: the same
     model, data, batch, length, learning rate and evals (the config adds its schedule and logging)."""
+    monkeypatch.chdir(REPO)
     defaults, headline = resolved(), resolved('config/train_gpt2_xl_shakespeare.py')
     job = ('init_from', 'dataset', 'deepspeed_config', 'block_size', 'batch_size',
            'gradient_accumulation_steps', 'max_iters', 'learning_rate', 'eval_interval', 'eval_iters',
