@@ -1,11 +1,12 @@
 """plot.py on a synthetic metrics.jsonl: a run killed at iter 9 and resumed from its iter-5 checkpoint, which
-appends iters 5.. again to the same file. No launcher, no training."""
+appends iters 5.. again to the same file. No launcher, no training. The error cases' commands, each loading
+torch to say its line, run two at a time (the refused fixture)."""
 import json
 import os
 import sys
 
 import pytest
-from conftest import ok, run
+from conftest import ok, run, selected
 from PIL import Image
 
 from nanogpt_ds.loss_plot import plot_run, read_metrics
@@ -90,13 +91,32 @@ def test_helpers_raise_value_error(tmp_path):
         plot_run(str(tmp_path))
 
 
-@pytest.mark.parametrize('case', ['missing_dir', 'no_metrics', 'no_records'])
-def test_errors_are_one_line(tmp_path, case):
+def unplottable(case, tmp_path):
+    """The out_dir of a case: missing, without metrics.jsonl, or with one that holds no usable record."""
     out_dir = tmp_path / 'nope' if case == 'missing_dir' else tmp_path
     if case == 'no_records':
         unusable = '\n{"iter": 3, "lo\n[1, 2]\n{"loss": 2.0}\n{"iter": 1, "note": "x"}\n'
         (tmp_path / 'metrics.jsonl').write_text(unusable)
-    proc = run([sys.executable, 'plot.py', str(out_dir)])
+    return out_dir
+
+
+@pytest.fixture(scope='module')
+def refused(two_at_a_time, tmp_path_factory, request):
+    """case -> (its folder, its out_dir, Future of `python plot.py OUT_DIR`'s CompletedProcess) for each case
+    below that this session runs, every command started at once."""
+    started = {}
+    for _, case in selected(request, ['test_errors_are_one_line']):
+        tmp_path = tmp_path_factory.mktemp(case)
+        out_dir = unplottable(case, tmp_path)
+        plot = two_at_a_time.submit(run, [sys.executable, 'plot.py', str(out_dir)])
+        started[case] = tmp_path, out_dir, plot
+    return started
+
+
+@pytest.mark.parametrize('case', ['missing_dir', 'no_metrics', 'no_records'])
+def test_errors_are_one_line(case, refused):
+    tmp_path, out_dir, future = refused[case]
+    proc = future.result()
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith('error: '), proc.stdout
     if case == 'no_metrics':

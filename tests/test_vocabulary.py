@@ -1,7 +1,8 @@
 """The character vocabulary is data, never code: data_sources writes it as meta.json and reads that back as
 the dict nanoGPT's meta.pkl holds; an old meta.pkl still loads, as plain data only. A pickle that would
 import or call anything, a file that is no pickle, a truncated one or a dict of the wrong shape is one
-'error:' line that names the file, from the trainer and from sample.py, and nothing in it runs."""
+'error:' line that names the file, from the trainer and from sample.py, and nothing in it runs (those four
+commands, each loading torch to say its line, run two at a time: the received fixture)."""
 import os
 import pickle
 import shutil
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import run
+from conftest import run, selected
 
 from model import GPT, GPTConfig
 from nanogpt_ds import data_sources
@@ -139,18 +140,39 @@ COMMANDS = {  # the cheapest reader of each kind of folder: the trainer's data c
 }
 
 
-@pytest.mark.parametrize('bad', ['runs_code', 'not_a_pickle'])
-@pytest.mark.parametrize('command', list(COMMANDS))
-def test_commands_refuse_it_in_one_line(tmp_path, command, bad):
+def receive(command, bad, tmp):
+    """The command's folder with a bad vocabulary in it, in tmp; (the vocabulary's path, the marker that its
+    code would write, the command line)."""
     make_folder, arguments = COMMANDS[command]
-    folder, marker = make_folder(tmp_path / 'received'), tmp_path / 'ran'
+    folder, marker = make_folder(tmp / 'received'), tmp / 'ran'
     if bad == 'runs_code':
         path = pickled(folder, {'vocab_size': 85, 'itos': RunsACommand(marker)})
     else:
         path = folder / 'meta.pkl'
         path.write_bytes(np.arange(64, dtype=np.uint16).tobytes())
-    proc = run([sys.executable, *arguments(folder, tmp_path)], timeout=120, merge_stderr=False)
+    return path, marker, [sys.executable, *arguments(folder, tmp)]
+
+
+@pytest.fixture(scope='module')
+def received(two_at_a_time, tmp_path_factory, request):
+    """(command, bad) -> (tmp, vocabulary path, marker, Future of the CompletedProcess) for each case below
+    that this session runs, every command started at once."""
+    started = {}
+    for _, (command, bad) in selected(request, ['test_commands_refuse_it_in_one_line'], 'command_and_bad'):
+        tmp = tmp_path_factory.mktemp(f'{command}_{bad}')
+        path, marker, command_line = receive(command, bad, tmp)
+        future = two_at_a_time.submit(run, command_line, timeout=120, merge_stderr=False)
+        started[command, bad] = tmp, path, marker, future
+    return started
+
+
+@pytest.mark.parametrize('command_and_bad', [(command, bad) for command in COMMANDS
+                                             for bad in ('runs_code', 'not_a_pickle')],
+                         ids=lambda case: '-'.join(case))
+def test_commands_refuse_it_in_one_line(command_and_bad, received):
+    tmp, path, marker, future = received[command_and_bad]
+    proc = future.result()
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert proc.returncode != 0 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     assert errors[0].startswith(f'error: {path} is not a usable vocabulary'), errors[0]
-    assert not marker.exists() and not (tmp_path / 'out').exists()
+    assert not marker.exists() and not (tmp / 'out').exists()
