@@ -33,6 +33,7 @@ ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_ch
 # marked `launches` or asks for a fixture that launches; launch() refuses to run inside a fast test, so the
 # marker cannot drift from what a test does.
 LAUNCHING_FIXTURES = {'saved_run', 'saved_run_zero3', 'cpu_demo', 'two_hosts', 'reference', 'plain'}
+LAUNCHING_FIXTURES |= {'unbroken_run', 'stopping_runs'}  # test_preemption and test_kill_safe, test_stopping
 FAST_TESTS = set()  # node ids
 
 
@@ -278,3 +279,27 @@ def selected(request, tests, param='case'):
     `tests` that this session runs (after -k and -m), in running order: the cases a module fixture starts."""
     return [(item.originalname, item.callspec.params[param] if hasattr(item, 'callspec') else None)
             for item in request.session.items if item.module is request.module and item.originalname in tests]
+
+
+# The run that test_preemption stops with a signal and test_kill_safe kills (-9), then resume: a dataset mix,
+# dropout and gradient accumulation, so that every random stream must come back; 7 M parameters, so that a
+# save lasts ~0.1-0.3 s (29 MB of weights, each rank 43 MB of fp32 master weights and Adam moments) and can
+# be caught under way, while a micro batch of 2 keeps the iterations cheap. Saves iter_2, iter_4, final.
+INTERRUPTED_ITERS = 6
+
+
+def interrupted_run(mix):
+    return [*TINY, '--n_layer=4', '--n_head=6', '--n_embd=384', '--batch_size=2', f'--dataset={mix}',
+            '--dropout=0.1', '--gradient_accumulation_steps=2', f'--max_iters={INTERRUPTED_ITERS}',
+            '--eval_interval=2', f'--lr_decay_iters={INTERRUPTED_ITERS}', '--always_save_checkpoint=True',
+            '--peak_flops=1e12']  # no matmul timed at the start of each launch
+
+
+@pytest.fixture(scope='session')
+def unbroken_run(tmp_path_factory, mix):
+    """(out_dir, args): interrupted_run's run never interrupted, what the interrupted ones must log once
+    resumed. Tests change only copies of out_dir."""
+    args = interrupted_run(mix)
+    out = tmp_path_factory.mktemp('unbroken') / 'out'
+    ok(launch([*args, f'--out_dir={out}']))
+    return out, args

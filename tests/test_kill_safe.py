@@ -15,26 +15,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, REPO, TINY, env, free_port, launch, metrics, not_in_a_fast_test, ok
+from conftest import BIN, INTERRUPTED_ITERS, REPO, env, free_port, launch, metrics, not_in_a_fast_test, ok
 
 from nanogpt_ds import checkpoints, data_sources
 from nanogpt_ds.ds_setup import prepare_process
 
-# a save lasts ~0.1-0.3 s here (7 M parameters: 29 MB of weights, each rank 43 MB of fp32 master weights and
-# Adam moments), while a micro batch of 2 keeps the iterations cheap
-SHAPE = ['--n_layer=4', '--n_head=6', '--n_embd=384', '--batch_size=2']
-MAX_ITERS = 6
-ARGS = [*TINY, *SHAPE, '--dropout=0.1', f'--max_iters={MAX_ITERS}', '--eval_interval=2',
-        f'--lr_decay_iters={MAX_ITERS}', '--always_save_checkpoint=True',
-        '--peak_flops=1e12']  # saves iter_2, iter_4, final (iter 6)
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-    """The run that is never killed."""
-    out = tmp_path_factory.mktemp('reference') / 'out'
-    ok(launch([*ARGS, f'--out_dir={out}']))
-    return out
+# The killed runs are conftest.interrupted_run's, whose saves last long enough to be caught under way;
+# unbroken_run is the same run never killed (test_preemption compares its resumed run with it too).
+MAX_ITERS = INTERRUPTED_ITERS  # saves iter_2, iter_4, final
 
 
 def last_records(out_dir):
@@ -140,10 +128,11 @@ def just_saved_iter_4(out, names):
         return False
 
 
-def test_killed_during_a_save_and_just_after_one_resumes_as_if_never_killed(reference, tmp_path):
+def test_killed_during_a_save_and_just_after_one_resumes_as_if_never_killed(unbroken_run, tmp_path):
+    reference, args = unbroken_run
     out = tmp_path / 'out'
     # 1. killed while iter_4 is being saved
-    run_until([*ARGS, f'--out_dir={out}'], tmp_path / 'run1.log', saving_iter_4)
+    run_until([*args, f'--out_dir={out}'], tmp_path / 'run1.log', saving_iter_4)
     names = sorted(os.listdir(out))
     assert [n for n in names if n.endswith('.partial')] == ['iter_4.partial'], names  # the kill hit the save
     assert 'iter_4' not in names and not [n for n in names if n.endswith('.old')], names
@@ -153,7 +142,7 @@ def test_killed_during_a_save_and_just_after_one_resumes_as_if_never_killed(refe
     (out / 'iter_4.partial' / 'junk_of_the_killed_save').write_text('x')
 
     # 2. resumed from iter_2, killed as soon as its own save of iter_4 is in place
-    run_until([*ARGS, f'--out_dir={out}', '--init_from=resume'], tmp_path / 'run2.log', just_saved_iter_4)
+    run_until([*args, f'--out_dir={out}', '--init_from=resume'], tmp_path / 'run2.log', just_saved_iter_4)
     assert f'resumed at iter 2 from {out / "iter_2"}' in (tmp_path / 'run2.log').read_text()
     names = sorted(os.listdir(out))
     # the killed save's remains are gone
@@ -165,7 +154,7 @@ def test_killed_during_a_save_and_just_after_one_resumes_as_if_never_killed(refe
     assert_same_losses(reference, out, steps=sorted(steps), evals=[0, 2, 4])
 
     # 3. resumed from iter_4, to the end
-    proc = ok(launch([*ARGS, f'--out_dir={out}', '--init_from=resume']))
+    proc = ok(launch([*args, f'--out_dir={out}', '--init_from=resume']))
     assert f'resumed at iter 4 from {out / "iter_4"}' in proc.stdout
     assert_same_losses(reference, out)  # the iters trained twice count by their last record
     names = sorted(os.listdir(out))
@@ -330,11 +319,12 @@ def test_a_second_save_of_a_tag_killed_at_any_step(engine, tmp_path, monkeypatch
     check_kill_at_each_step(engine, tmp_path, monkeypatch, 'final')
 
 
-def test_resume_after_a_kill_in_the_middle_of_a_swap(reference, tmp_path):
+def test_resume_after_a_kill_in_the_middle_of_a_swap(unbroken_run, tmp_path):
     """The real 2-rank resume from what kills leave behind: `final` being saved a second time, killed between
     the renames (final.old and final.partial complete, no final, latest = final); and beside iter_8, an
     iter_8.old that a kill left half removed. The run should resume from final.old, the last complete
     checkpoint, and its save of iter_8 should go through and clear the leftover."""
+    reference, args = unbroken_run
     out = tmp_path / 'out'
     os.makedirs(out)
     for name in (checkpoints.LATEST, data_sources.VOCABULARY):
@@ -345,7 +335,7 @@ def test_resume_after_a_kill_in_the_middle_of_a_swap(reference, tmp_path):
     shutil.copytree(reference / 'iter_4', out / 'iter_8.old')
     os.remove(checkpoints.model_states_file(str(out / 'iter_8.old')))
     assert latest_of(out) == 'final' and not (out / 'final').exists()
-    proc = launch([*ARGS, f'--out_dir={out}', '--init_from=resume', f'--max_iters={MAX_ITERS + 4}'])
+    proc = launch([*args, f'--out_dir={out}', '--init_from=resume', f'--max_iters={MAX_ITERS + 4}'])
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert f'resumed at iter {MAX_ITERS}' in proc.stdout
     names = sorted(os.listdir(out))
