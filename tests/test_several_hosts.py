@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import BIN, REPO, SAVED_RUN, ZERO3_CHECKPOINTING, by_iter, env, free_port, one_error, run
+from conftest import BIN, REPO, SAVED_RUN, ZERO3_CHECKPOINTING, by_iter, env, free_port, one_error
 
 from nanogpt_ds import checkpoints, hosts
 
@@ -196,13 +196,20 @@ def test_a_signal_on_one_host_saves_both_and_they_resume_as_one(two_hosts, saved
                                                        'zero_pp_rank_1_mp_rank_00_optim_states.pt']
     assert checkpoints.latest_tag(str(two_hosts.disk['B'])) == tag
 
-    line = one_error(run([sys.executable, 'export.py', f'--out_dir={two_hosts.disk["A"]}']))
-    assert 'zero_pp_rank_1_mp_rank_00_optim_states.pt from hostB' in line and 'rsync' in line
+    # export on one disk names the shards on the other: it reads a copy of disk A as it is now, meanwhile
+    # the hosts go on (the export's start-up fills the cores while host A waits for the lost host B)
+    saved = tmp_path / 'diskA-saved'
+    shutil.copytree(two_hosts.disk['A'], saved)
+    export = subprocess.Popen([sys.executable, 'export.py', f'--out_dir={saved}'], cwd=REPO, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     resume = [*args, '--init_from=resume', f'--dist_timeout_s={LOST_AFTER_S}']
     a, b = two_hosts.start('A', resume), two_hosts.start('B', resume)
     training = saved_at + 2 + saved_at % 2  # after its log line, iter training + 1: no eval, no save
     lost_at = lose_host_b(two_hosts, a, b, lambda: f'iter {training}:' in output(a), f'iter {training}')
+    said = export.communicate(timeout=120)[0]
+    line = one_error(subprocess.CompletedProcess(export.args, export.returncode, said))
+    assert 'zero_pp_rank_1_mp_rank_00_optim_states.pt from hostB' in line and 'rsync' in line
     out_a, _ = both_ok(two_hosts.start('A', resume), two_hosts.start('B', resume))
     assert f'resumed at iter {checkpoints.iter_number(lost_at)}' in out_a
     assert_same_run(saved_run[0], two_hosts.disk['A'], iters=10)
