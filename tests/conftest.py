@@ -33,7 +33,7 @@ ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_ch
 # marked `launches` or asks for a fixture that launches; launch() refuses to run inside a fast test, so the
 # marker cannot drift from what a test does.
 LAUNCHING_FIXTURES = {'saved_run', 'saved_run_zero3', 'cpu_demo', 'two_hosts', 'reference', 'plain'}
-LAUNCHING_FIXTURES |= {'unbroken_run', 'stopping_runs'}  # test_preemption and test_kill_safe, test_stopping
+LAUNCHING_FIXTURES |= {'unbroken_run', 'stopping_runs', 'signalled'}  # test_preemption, _kill_safe, _stopping
 FAST_TESTS = set()  # node ids
 
 

@@ -2,15 +2,17 @@
 checkpoint, and `latest` never names a tag whose shards are incomplete.
 
 The real 2-rank launcher is killed (SIGKILL to its whole process group) while a save is under way and just
-after one; the resumed runs must log the same losses as a run that was never killed. The trainer's save
-itself, checkpoints.save() with a real DeepSpeed engine in this process, is also killed before each of its
-file operations, for a new tag and for a tag saved a second time."""
+after one; the resumed runs must log the same losses as a run that was never killed, and a run resumed from
+what a kill in the middle of a swap leaves must load the parked <tag>.old and clear the rest. The trainer's
+save itself, checkpoints.save() with a real DeepSpeed engine in this process, is also killed before each of
+its file operations, for a new tag and for a tag saved a second time."""
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -128,7 +130,28 @@ def just_saved_iter_4(out, names):
         return False
 
 
-def test_killed_during_a_save_and_just_after_one_resumes_as_if_never_killed(unbroken_run, tmp_path):
+def mid_swap(reference, out):
+    """out as kills leave it: `final` being saved a second time, killed between the renames (final.old and
+    final.partial complete, no final, latest = final); and beside iter_8, an iter_8.old that a kill left half
+    removed."""
+    os.makedirs(out)
+    for name in (checkpoints.LATEST, data_sources.VOCABULARY):
+        shutil.copy(reference / name, out / name)
+    shutil.copytree(reference / 'final', out / 'final.old')
+    shutil.copytree(reference / 'final', out / 'final.partial')
+    shutil.copytree(reference / 'iter_4', out / 'iter_8')  # stands for an older save of iter_8
+    shutil.copytree(reference / 'iter_4', out / 'iter_8.old')
+    os.remove(checkpoints.model_states_file(str(out / 'iter_8.old')))
+    assert latest_of(out) == 'final' and not (out / 'final').exists()
+    return out
+
+
+def test_killed_during_a_save_just_after_one_or_mid_swap_resumes_from_a_complete_checkpoint(unbroken_run,
+                                                                                             tmp_path):
+    """Killed while iter_4 is saved, then resumed and killed just after iter_4 is in place, then resumed to
+    the end: the run logs what the unbroken one did. And the real 2-rank resume from a kill in the middle of
+    a swap (mid_swap): the run resumes from final.old, the last complete checkpoint, and its saves of iter_8
+    and final go through and clear the leftovers."""
     reference, args = unbroken_run
     out = tmp_path / 'out'
     # 1. killed while iter_4 is being saved
@@ -153,8 +176,14 @@ def test_killed_during_a_save_and_just_after_one_resumes_as_if_never_killed(unbr
     assert set(range(4)) <= set(steps) <= set(range(5))  # iter 4 may have been logged before the kill
     assert_same_losses(reference, out, steps=sorted(steps), evals=[0, 2, 4])
 
-    # 3. resumed from iter_4, to the end
-    proc = ok(launch([*args, f'--out_dir={out}', '--init_from=resume']))
+    # 3. resumed from iter_4, to the end; and at the same time (there is no kill to time: two launches share
+    # the cores better than one) the resume from mid_swap's leftovers, up to 4 iters past its final
+    swap = mid_swap(reference, tmp_path / 'swap')
+    with ThreadPoolExecutor(2) as pool:
+        to_the_end = pool.submit(launch, [*args, f'--out_dir={out}', '--init_from=resume'])
+        past_the_swap = pool.submit(launch, [*args, f'--out_dir={swap}', '--init_from=resume',
+                                             f'--max_iters={MAX_ITERS + 4}'])
+        proc, swapped = ok(to_the_end.result()), ok(past_the_swap.result())
     assert f'resumed at iter 4 from {out / "iter_4"}' in proc.stdout
     assert_same_losses(reference, out)  # the iters trained twice count by their last record
     names = sorted(os.listdir(out))
@@ -165,6 +194,12 @@ def test_killed_during_a_save_and_just_after_one_resumes_as_if_never_killed(unbr
     weights, expected = (checkpoints.read_client_state(str(o / 'final'))['module'] for o in (out, reference))
     assert weights.keys() == expected.keys()
     assert max((weights[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+
+    assert f'resumed at iter {MAX_ITERS} from {swap / "final.old"}' in swapped.stdout
+    names = sorted(os.listdir(swap))
+    assert latest_of(swap) == 'final' and not [n for n in names if n.endswith(('.partial', '.old'))], names
+    assert_complete(swap / 'iter_8', 8)
+    assert_complete(swap / 'final', MAX_ITERS + 4)
 
 
 # -----------------------------------------------------------------------------
@@ -317,28 +352,3 @@ def test_a_save_of_a_new_tag_killed_at_any_step(engine, tmp_path, monkeypatch):
 
 def test_a_second_save_of_a_tag_killed_at_any_step(engine, tmp_path, monkeypatch):
     check_kill_at_each_step(engine, tmp_path, monkeypatch, 'final')
-
-
-def test_resume_after_a_kill_in_the_middle_of_a_swap(unbroken_run, tmp_path):
-    """The real 2-rank resume from what kills leave behind: `final` being saved a second time, killed between
-    the renames (final.old and final.partial complete, no final, latest = final); and beside iter_8, an
-    iter_8.old that a kill left half removed. The run should resume from final.old, the last complete
-    checkpoint, and its save of iter_8 should go through and clear the leftover."""
-    reference, args = unbroken_run
-    out = tmp_path / 'out'
-    os.makedirs(out)
-    for name in (checkpoints.LATEST, data_sources.VOCABULARY):
-        shutil.copy(reference / name, out / name)
-    shutil.copytree(reference / 'final', out / 'final.old')
-    shutil.copytree(reference / 'final', out / 'final.partial')
-    shutil.copytree(reference / 'iter_4', out / 'iter_8')  # stands for an older save of iter_8
-    shutil.copytree(reference / 'iter_4', out / 'iter_8.old')
-    os.remove(checkpoints.model_states_file(str(out / 'iter_8.old')))
-    assert latest_of(out) == 'final' and not (out / 'final').exists()
-    proc = launch([*args, f'--out_dir={out}', '--init_from=resume', f'--max_iters={MAX_ITERS + 4}'])
-    assert proc.returncode == 0, proc.stdout[-2000:]
-    assert f'resumed at iter {MAX_ITERS}' in proc.stdout
-    names = sorted(os.listdir(out))
-    assert latest_of(out) == 'final' and not [n for n in names if n.endswith(('.partial', '.old'))], names
-    assert_complete(out / 'iter_8', 8)
-    assert_complete(out / 'final', MAX_ITERS + 4)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -120,17 +121,51 @@ def test_ctrl_c_to_the_run_script_reaches_the_ranks_as_sigterm_and_the_resumed_r
     assert last['val_loss'] == pytest.approx(weighted)
 
 
-@pytest.mark.launches
-def test_sigterm_to_the_deepspeed_command_saves(tmp_path):
-    """kill -TERM <pid of the deepspeed command>, as a container's PID 1 or a batch system gets it:
-    DeepSpeed's runner dies of it (143) and tells no rank; the ranks see it gone, finish the step, save and
-    exit 0."""
-    out = tmp_path / 'out'
+def runner_sigtermed(out):
+    """kill -TERM <pid of the deepspeed command>, once the run has logged an iter: (the process, its stdout,
+    launch.py and the ranks)."""
     proc = start([*TINY, f'--out_dir={out}', '--max_iters=100000', '--eval_interval=100000'])
     wait_for_iters(out, 1, proc)
     below = psutil.Process(proc.pid).children(recursive=True)  # launch.py and the ranks
     proc.send_signal(signal.SIGTERM)  # to the runner alone
-    stdout = finish(proc)  # the ranks hold its stdout until they exit
+    return proc, finish(proc), below  # the ranks hold its stdout until they exit
+
+
+def signalled_twice(out):
+    """A world of one (plain python train_deepspeed.py) whose first step takes 5000 micro batches (half a
+    minute or more), sent SIGTERM once the eval at iter 0 is logged and again 3 s later: (the process, its
+    stdout, the seconds from the second signal to its end)."""
+    cmd = [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}',
+           '--gradient_accumulation_steps=5000', '--max_iters=2']
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    wait_for_iters(out, 1, proc, key='val_loss')
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(3)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout = finish(proc, timeout=60)
+    return proc, stdout, time.time() - t
+
+
+@pytest.fixture(scope='module')
+def signalled(tmp_path_factory):
+    """{'runner': runner_sigtermed's, 'twice': signalled_twice's, each with its out_dir}, both run at once:
+    neither has a moment to catch to the millisecond nor a loss to compare, and two runs share the two cores
+    better than one does."""
+    not_in_a_fast_test('launches deepspeed')
+    outs = {name: tmp_path_factory.mktemp(name) / 'out' for name in ('runner', 'twice')}
+    with ThreadPoolExecutor(2) as pool:
+        runner = pool.submit(runner_sigtermed, outs['runner'])
+        twice = pool.submit(signalled_twice, outs['twice'])
+        return {'runner': (*runner.result(), outs['runner']), 'twice': (*twice.result(), outs['twice'])}
+
+
+def test_sigterm_to_the_deepspeed_command_saves(signalled):
+    """kill -TERM <pid of the deepspeed command>, as a container's PID 1 or a batch system gets it:
+    DeepSpeed's runner dies of it (143) and tells no rank; the ranks see it gone, finish the step, save and
+    exit 0."""
+    proc, stdout, below, out = signalled['runner']
     assert proc.returncode == -signal.SIGTERM, stdout[-3000:]
     said = [line for line in stdout.splitlines() if 'stopped after iter' in line]
     assert len(said) == 1, stdout[-3000:]
@@ -142,25 +177,11 @@ def test_sigterm_to_the_deepspeed_command_saves(tmp_path):
     assert not alive
 
 
-@pytest.mark.launches
-def test_second_signal_exits_at_once(tmp_path):
-    """The first step takes 5000 micro batches (half a minute or more): the first SIGTERM, sent once the eval
-    at iter 0 is logged, waits for it; a second one 3 s later ends the run at once (128 + SIGTERM), saving
-    nothing. Each rank's own signal handler decides this, so a world of one (plain python train_deepspeed.py)
-    shows it."""
-    out = tmp_path / 'out'
-    not_in_a_fast_test('starts train_deepspeed.py')
-    cmd = [sys.executable, 'train_deepspeed.py', *TINY, f'--out_dir={out}',
-           '--gradient_accumulation_steps=5000', '--max_iters=2']
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    wait_for_iters(out, 1, proc, key='val_loss')
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(3)
-    t = time.time()
-    proc.send_signal(signal.SIGTERM)
-    stdout = finish(proc, timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM and time.time() - t < 20, stdout[-3000:]
+def test_second_signal_exits_at_once(signalled):
+    """The first SIGTERM waits for the long step; the second, 3 s later, ends the run at once (128 + SIGTERM),
+    saving nothing. Each rank's own signal handler decides this, so a world of one shows it."""
+    proc, stdout, took_s, out = signalled['twice']
+    assert proc.returncode == 128 + signal.SIGTERM and took_s < 20, stdout[-3000:]
     assert 'stopped after iter' not in stdout and checkpoints.latest_tag(str(out)) is None
 
 
