@@ -33,7 +33,7 @@ import torch
 
 from model import GPT, PRETRAINED_SHAPES, GPTConfig, flops_per_token
 from nanogpt_ds import data_sources
-from nanogpt_ds.ds_setup import die, user_errors
+from nanogpt_ds.settings import die, user_errors
 from nanogpt_ds.perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
 from nanogpt_ds.settings import DTYPES, check_values, heads_problem
 

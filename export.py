@@ -18,7 +18,7 @@ import sys
 import torch
 
 from nanogpt_ds import consolidate, data_sources
-from nanogpt_ds.ds_setup import die, user_errors
+from nanogpt_ds.settings import die, user_errors
 from nanogpt_ds.settings import check_values
 
 out_dir = 'out-shakespeare-xl-deepspeed'  # the run's out_dir (a tag folder inside it works too)

@@ -24,6 +24,6 @@ try:
     check_values(globals(), named=('out_dir',))
     path = plot_run(out_dir)
 except ValueError as e:
-    from nanogpt_ds.ds_setup import die  # only now: it loads torch, which a plot needs not
+    from nanogpt_ds.settings import die
     die(str(e))
 print(f'wrote {path}')

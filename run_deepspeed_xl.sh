@@ -61,11 +61,12 @@ fi
 # Python and DeepSpeed: the project's .venv (made by ./setup.sh) if there is one, else whatever is on PATH
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 command -v python >/dev/null 2>&1 || fail "python not found: run ./setup.sh (makes .venv with everything needed)"
-python -c "import deepspeed" >/dev/null 2>&1 || fail "deepspeed is not importable by $(command -v python): run ./setup.sh, or pip install deepspeed"
+# installed, found without importing it (2 s: the launch imports it anyway)
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)" 2>/dev/null \
+  || fail "deepspeed is not importable by $(command -v python): run ./setup.sh, or pip install deepspeed"
 command -v deepspeed >/dev/null 2>&1 || fail "the deepspeed launcher is not on PATH: run ./setup.sh, or pip install deepspeed"
 
 # GPUs: DeepSpeed's launcher ignores CUDA_VISIBLE_DEVICES, so it becomes --include localhost:LIST
-physical_gpus=$(env -u CUDA_VISIBLE_DEVICES python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 launch=()
 if [ "$cpu_demo" = 1 ]; then
   cores=$(python -c "import os; print(os.cpu_count() or 1)")
@@ -90,6 +91,8 @@ elif [ "$cpu_demo" = 1 ]; then
   launch=(--num_gpus "${num_gpus:-2}")
   gpus_desc="${num_gpus:-2} CPU ranks (gloo)"; world="${num_gpus:-2}"
 else
+  # torch's count of the machine's GPUs (2 s to import it: asked only here, where the GPUs are chosen)
+  physical_gpus=$(env -u CUDA_VISIBLE_DEVICES python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     IFS=',' read -r -a wanted <<< "$CUDA_VISIBLE_DEVICES"
     for g in "${wanted[@]}"; do

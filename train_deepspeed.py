@@ -16,17 +16,6 @@ import math
 import os
 import time
 
-import numpy as np
-import torch
-
-from nanogpt_ds import checkpoints, data_sources
-from nanogpt_ds.loss_plot import plot_after_run
-from nanogpt_ds.model_init import build, start_shape
-from nanogpt_ds.perf import (MetricsLog, StepMeter, eval_line, log_line, progress_bar, start_line,
-                             write_run_json)
-from nanogpt_ds.preemption import StopFlag
-from nanogpt_ds.tokenizer import sample_text
-
 # -----------------------------------------------------------------------------
 # defaults: gpt2-xl on Shakespeare, 4x V100-32GB, ZeRO-2 fp16 (~303 ms/iter, 15-16 GB per GPU)
 # I/O
@@ -94,12 +83,24 @@ config_keys, overrides, followed = configure(globals())  # followed: e.g. lr_dec
 config = {k: globals()[k] for k in config_keys}  # the resolved settings, logged and checkpointed
 # -----------------------------------------------------------------------------
 from nanogpt_ds import settings
-from nanogpt_ds.ds_setup import (die, exit_cleanly, init_distributed, nonfinite_fix, offload_of,
-                                 prepare_process, resolve_compile, resolve_ds_config, resolve_dtype,
-                                 settle_cpu_dtype, start_engine, use_device, user_errors)
+from nanogpt_ds.settings import die, user_errors
 
-with user_errors():  # before DeepSpeed loads: a wrong number costs a second, not five
+with user_errors():  # before torch loads: a wrong number costs a Python start, not torch's and DeepSpeed's
     settings.check(config)
+
+import numpy as np
+import torch
+
+from nanogpt_ds import checkpoints, data_sources
+from nanogpt_ds.ds_setup import (exit_cleanly, init_distributed, nonfinite_fix, offload_of, prepare_process,
+                                 resolve_compile, resolve_ds_config, resolve_dtype, settle_cpu_dtype,
+                                 start_engine, use_device)
+from nanogpt_ds.loss_plot import plot_after_run
+from nanogpt_ds.model_init import build, start_shape
+from nanogpt_ds.perf import (MetricsLog, StepMeter, eval_line, log_line, progress_bar, start_line,
+                             write_run_json)
+from nanogpt_ds.preemption import StopFlag
+from nanogpt_ds.tokenizer import sample_text
 
 prepare_process()  # a world of one for plain `python train_deepspeed.py`; CPU ranks share the cores
 
@@ -157,11 +158,10 @@ if dry_run:  # the plan from the shape alone (memory_plan.py): no weights, no pr
                               on_gpu), flush=True)
     os._exit(0)
 
-with user_errors():  # files only: found out before the process group starts
+with user_errors():  # the files first, found out before the process group starts
     checkpoints.check_writable(out_dir)
     saved = checkpoints.to_resume(out_dir, resume_tag) if init_from == 'resume' else None  # shape, stage...
-
-with user_errors():  # every node's ranks meet, with the same settings
+    # every node's ranks meet, with the same settings
     rank, world_size = init_distributed(accelerator.communication_backend_name(), on_gpu, config)
 master_process = rank == 0
 

@@ -64,7 +64,7 @@ print(json.dumps({'tokens': idx}))
 
 
 def die(msg):
-    from nanogpt_ds.ds_setup import die as ds_die  # only now: it loads torch
+    from nanogpt_ds.settings import die as ds_die
     ds_die(msg)
 
 

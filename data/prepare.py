@@ -420,5 +420,5 @@ if __name__ == '__main__':
     try:
         main()
     except ValueError as e:
-        from nanogpt_ds.ds_setup import die  # only now: it loads torch
+        from nanogpt_ds.settings import die
         die(str(e))

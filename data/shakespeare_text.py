@@ -62,7 +62,7 @@ def main(doc, folder, tokenizer):
     try:
         prepare_from_text(parse_args(doc), folder, tokenizer)
     except ValueError as e:
-        from nanogpt_ds.ds_setup import die  # only now: it loads torch
+        from nanogpt_ds.settings import die
         die(str(e))
 
 

@@ -4,7 +4,6 @@ share of the cores and its heap, resolving the JSON config against the script's 
 device computes well, starting the process group with two fixes for DeepSpeed's CPU backend, and the one way a
 run stops on a user error.
 """
-import contextlib
 import ctypes
 import faulthandler
 import json
@@ -28,8 +27,6 @@ from nanogpt_ds.settings import DTYPES
 # a bf16 step also keeps fp32 master weights and converts them: its block must be this much faster than fp32's
 # to pay for the optimizer step and the head
 BF16_PAYS_FROM = 1.5
-# how long a rank other than 0 that found a problem every rank finds waits for rank 0 to say it
-RANK0_SAYS_IT_S = 20
 # mallopt's parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # how long a rank waits for the others at start: nodes started one by one, weights downloaded, ops built (the
@@ -41,30 +38,6 @@ START_TIMEOUT_S = 600
 LIBRARY_WARNINGS = [
     (FutureWarning, r'`torch\.distributed\.[\w.]+` (is|will be) '),
 ]
-
-
-def die(msg, alone=False, exit_code=1):
-    """Stop with one 'error:' line and exit 1 (or exit_code), writing nothing more. Every rank checks the
-    same inputs: rank 0 says it at once, and another rank waits for the launcher to stop it once rank 0 has
-    exited (were it to exit first, the launcher could kill rank 0 before its line came out). A rank that
-    alone knows the problem (alone=True), or whose rank 0 never comes, says it itself."""
-    rank = int(os.environ.get('RANK', '0'))
-    if rank != 0 and not alone:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)  # the launcher's stop ends the wait, not a save
-        time.sleep(RANK0_SAYS_IT_S)
-    print(f'error: {msg}', file=sys.stderr, flush=True)
-    os._exit(exit_code)
-
-
-@contextlib.contextmanager
-def user_errors(alone=False):
-    """Inside, a ValueError -- what the helpers raise for bad input, the fix in its message -- stops the
-    process through die(): the one way a command stops on a user error."""
-    try:
-        yield
-    except ValueError as e:
-        die(str(e), alone=alone)
 
 
 def cpu_bf16_native():

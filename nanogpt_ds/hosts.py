@@ -110,5 +110,5 @@ if __name__ == '__main__':
             hostfile, node_rank, master_addr, master_port = args
             print(describe(hostfile, int(node_rank), master_addr, int(master_port), cpu='--cpu' in sys.argv))
     except ValueError as e:
-        from nanogpt_ds.ds_setup import die  # the one way to stop on a user error (it loads torch: only now)
+        from nanogpt_ds.settings import die  # the one way to stop on a user error
         die(str(e))

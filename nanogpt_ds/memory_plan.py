@@ -16,7 +16,8 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from model import GPTConfig, is_pretrained_source, num_params, pretrained_config
-from nanogpt_ds.ds_setup import bf16_speedup, choose_dtype, die, offload_of, ranks_on_this_host
+from nanogpt_ds.ds_setup import bf16_speedup, choose_dtype, offload_of, ranks_on_this_host
+from nanogpt_ds.settings import die
 from nanogpt_ds.perf import memory_mb
 
 # bytes per element of weights, gradients, activations

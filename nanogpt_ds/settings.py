@@ -2,8 +2,15 @@
 Values of train_deepspeed.py's settings that cannot work, or would do nothing where they are given, found
 before anything starts; check_values does the same for the other commands' numbers and names. The
 configurator already checks each value's type; this checks what a value of the right type can still get wrong.
+And the one way every command stops on a user error, die() (user_errors() around the helpers that raise
+ValueError): here, because this module loads no torch, so an error line costs a Python start, not torch's.
 """
+import contextlib
 import math
+import os
+import signal
+import sys
+import time
 
 # setting -> the least value that works (ints: counts of iterations, batches, layers ...)
 AT_LEAST = {
@@ -16,6 +23,8 @@ AT_LEAST = {
 }
 BELOW_ONE = ('dropout', 'beta1', 'beta2')  # fractions in [0, 1)
 DTYPES = ('float32', 'bfloat16', 'float16')  # what the commands compute in (the trainer also takes 'auto')
+# how long a rank other than 0 that found a problem every rank finds waits for rank 0 to say it
+RANK0_SAYS_IT_S = 20
 NAMED = ('dataset',)  # text that must name something (init_from, dtype...: refused later, with the choices)
 # setting -> (the setting it is read with, the value that reads it): given without that, it would do nothing
 READ_ONLY_WITH = {'resume_tag': ('init_from', 'resume'), 'plan_gpus': ('dry_run', True),
@@ -85,3 +94,27 @@ def problem(config):
             return (f'{key}={config[key]!r} is read only with {other}={reads_it!r}: '
                     f'add --{other}={reads_it}, or leave {key} out')
     return ''
+
+
+def die(msg, alone=False, exit_code=1):
+    """Stop with one 'error:' line and exit 1 (or exit_code), writing nothing more. Every rank checks the
+    same inputs: rank 0 says it at once, and another rank waits for the launcher to stop it once rank 0 has
+    exited (were it to exit first, the launcher could kill rank 0 before its line came out). A rank that
+    alone knows the problem (alone=True), or whose rank 0 never comes, says it itself."""
+    rank = int(os.environ.get('RANK', '0'))
+    if rank != 0 and not alone:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)  # the launcher's stop ends the wait, not a save
+        time.sleep(RANK0_SAYS_IT_S)
+    print(f'error: {msg}', file=sys.stderr, flush=True)
+    os._exit(exit_code)
+
+
+@contextlib.contextmanager
+def user_errors(alone=False):
+    """Inside, a ValueError -- what the helpers raise for bad input, the fix in its message -- stops the
+    process through die(): the one way a command stops on a user error."""
+    try:
+        yield
+    except ValueError as e:
+        die(str(e), alone=alone)
