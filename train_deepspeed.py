@@ -198,6 +198,7 @@ if saved:
 iter_num, best_val_loss = client_state.get('iter_num', 0), client_state.get('best_val_loss', 1e9)
 best_tag, evals_without_gain = client_state.get('best_tag'), client_state.get('evals_without_gain', 0)
 resumed_at = iter_num if saved else None
+evaluated_at = resumed_at if client_state.get('evaluated', True) else None  # a stop saves before its eval
 
 meter = StepMeter(model, block_size, batch_size, tokens_per_iter, peak_flops, dtype, on_gpu,
                   local_rank, time_phases)  # tokens/s, MFU, memory, phases; on CPU it times the peak now
@@ -267,21 +268,20 @@ def stop_nonfinite(where):
     die(f'loss is NaN/inf {where} (lr {get_lr(iter_num):.3g}, {dtype}): stopped without saving; {then} {fix}')
 
 
-def save(tag):
+def save(tag, evaluated=True):
     """Every rank saves its share of out_dir/<tag> (checkpoints.save); never a NaN state over a good one."""
     streak = nonfinite_streak.clone()
     dist.all_reduce(streak, op=dist.ReduceOp.MAX)
     if streak.item() > 0:
         stop_nonfinite(f'at iter {iter_num - 1}, just before saving {tag}')
-    client = dict(iter_num=iter_num, best_val_loss=best_val_loss, best_tag=best_tag,
+    client = dict(iter_num=iter_num, evaluated=evaluated, best_val_loss=best_val_loss, best_tag=best_tag,
                   evals_without_gain=evals_without_gain, config=config, model_args=model_args,
                   wandb_run_id=log_record.wandb_run_id)
     with user_errors():  # a disk without room for it: every rank knows
-        removed = checkpoints.save(model_engine, out_dir, tag, client, batch_rng, keep_last_n,
-                                   keep={tag, best_tag}, min_free_disk_mb=min_free_disk_mb)
+        said = checkpoints.save(model_engine, out_dir, tag, client, batch_rng, keep_last_n,
+                                keep={tag, best_tag}, min_free_disk_mb=min_free_disk_mb)
     if master_process:
-        rotated = f" (removed {', '.join(removed)})" if removed else ''
-        print(f'saved checkpoint {os.path.join(out_dir, tag)}{rotated}')
+        print(said)
 
 
 # -----------------------------------------------------------------------------
@@ -292,9 +292,9 @@ bar, say = progress_bar(master_process and progress, max_iters, iter_num)  # say
 stop_signal = StopFlag(on_gpu, dist_timeout_s, out_dir)  # SIGTERM/INT: save, exit 0; a lost rank: exit 1
 preempted = False
 while True:
-    # evaluate and save. A resumed run does not repeat the eval its checkpoint was saved after
+    # evaluate and save. A resumed run does not repeat an eval its checkpoint was saved after
     at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
-    if eval_only or (at_eval and iter_num != resumed_at):
+    if eval_only or (at_eval and iter_num != evaluated_at):
         losses = estimate_loss()
         if eval_only:
             print(f"eval_only: rank {rank} of {world_size} has train loss {losses['train_loss']:.6f}, "
@@ -375,7 +375,7 @@ while True:
         nonfinite_worst.zero_()
     if stop_reason and iter_num < max_iters:  # pre-empted: every rank saves this step, then exits 0
         tag = f'iter_{iter_num}'
-        save(tag)
+        save(tag, evaluated=False)  # before this iteration's eval, which the resumed run then does
         if master_process:
             say(f'{stop_reason}: stopped after iter {iter_num - 1} and saved {os.path.join(out_dir, tag)}; '
                 f'go on with --init_from=resume')

@@ -299,8 +299,8 @@ def save(engine, out_dir, tag, client_state, batch_rng, keep_last_n, keep, min_f
     state with every rank's random streams; then rank 0 (and the first rank of a node with a disk of its own)
     swaps it in for an older <tag>, points 'latest' at it and removes the iter_* tags beyond keep_last_n,
     never one in keep. A kill at any moment, or a save by another number of ranks over an older tag, leaves
-    'latest' naming a complete folder. Returns the removed tags (rank 0). ValueError on every rank, before
-    anything is written, when a node's disk has no room for it."""
+    'latest' naming a complete folder. Returns the line that says so, with the tags removed (rank 0's).
+    ValueError on every rank, before anything is written, when a node's disk has no room for it."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     first_on_node = int(os.environ.get('LOCAL_RANK', '0')) == 0
     node_disks = engine.use_node_local_storage()  # use_node_disks asked for it
@@ -327,7 +327,8 @@ def save(engine, out_dir, tag, client_state, batch_rng, keep_last_n, keep, min_f
     if first_on_node and os.path.isdir(partial):  # a node whose out_dir is its own disk, not rank 0's
         put_in_place(partial, tag_dir, sums, keep_last_n, keep)
     dist.barrier()  # nobody reads or writes out_dir/<tag> before it is in place
-    return removed
+    rotated = f" (removed {', '.join(removed)})" if removed else ''
+    return f'saved checkpoint {tag_dir}{rotated}'
 
 
 def engine_params(engine):
