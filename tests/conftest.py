@@ -34,6 +34,7 @@ ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_ch
 # marker cannot drift from what a test does.
 LAUNCHING_FIXTURES = {'saved_run', 'saved_run_zero3', 'cpu_demo', 'two_hosts', 'reference', 'plain'}
 LAUNCHING_FIXTURES |= {'unbroken_run', 'stopping_runs', 'signalled'}  # test_preemption, _kill_safe, _stopping
+LAUNCHING_FIXTURES |= {'weights_jobs', 'offload_runs', 'start_peaks'}  # test_weights, _offload, _model_init
 FAST_TESTS = set()  # node ids
 
 
