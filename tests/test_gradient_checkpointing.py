@@ -2,6 +2,8 @@
 on real 2-rank DeepSpeed runs (fp32, dropout 0.1, gradient accumulation) it trains to the same losses as the
 run without it, and its checkpoints resume either way. (Under ZeRO-3, whose parameters are gathered again in
 the recomputation, the saved_run_zero3 fixture trains with it: test_deepspeed_runs.)"""
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from conftest import TINY, launch, metrics, ok
 
@@ -18,19 +20,17 @@ def evals(out_dir):
     return {r['iter']: r['val_loss'] for r in metrics(out_dir) if 'val_loss' in r}
 
 
-@pytest.fixture(scope='module')
-def plain(tmp_path_factory):
-    """The run without recomputation, under ZeRO-2."""
-    out = tmp_path_factory.mktemp('plain') / 'out'
-    ok(launch([*ARGS, f'--out_dir={out}']))
-    return out
-
-
-def test_same_losses_with_and_without_recomputation(tmp_path, plain):
+@pytest.mark.launches
+def test_same_losses_with_and_without_recomputation(tmp_path):
+    """The run without recomputation (under ZeRO-2) and the run with it, side by side (a launch keeps both
+    cores busy only while its ranks run); then the recomputed run's iter_5 resumed without recomputation."""
     config = '--deepspeed_config=ds_config_zero2.json'
-    recomputed = tmp_path / 'recomputed'
-    proc = ok(launch([*ARGS, config, f'--out_dir={recomputed}', '--gradient_checkpointing=True',
-                      '--always_save_checkpoint=True']))
+    plain, recomputed = tmp_path / 'plain', tmp_path / 'recomputed'
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        plain_run = beside.submit(launch, [*ARGS, f'--out_dir={plain}'])
+        proc = ok(launch([*ARGS, config, f'--out_dir={recomputed}', '--gradient_checkpointing=True',
+                          '--always_save_checkpoint=True']))
+        ok(plain_run.result())
     assert "gradient checkpointing's recomputation is not counted" in proc.stdout  # the model recomputes
     assert sorted(losses(plain)) == list(range(10))
     for it, loss in losses(plain).items():
