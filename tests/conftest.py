@@ -32,9 +32,8 @@ ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_ch
 # The edit loop: `pytest -m fast` runs the tests that start no deepspeed launch. A test is fast unless it is
 # marked `launches` or asks for a fixture that launches; launch() refuses to run inside a fast test, so the
 # marker cannot drift from what a test does.
-LAUNCHING_FIXTURES = {'saved_run', 'saved_run_zero3', 'cpu_demo', 'two_hosts', 'reference', 'plain'}
-LAUNCHING_FIXTURES |= {'unbroken_run', 'stopping_runs', 'signalled'}  # test_preemption, _kill_safe, _stopping
-LAUNCHING_FIXTURES |= {'weights_jobs', 'offload_runs', 'start_peaks'}  # test_weights, _offload, _model_init
+LAUNCHING_FIXTURES = {'saved_run', 'saved_run_zero3', 'cpu_demo', 'unbroken_run', 'two_hosts', 'stopping_runs',
+                      'signalled', 'weights_jobs', 'offload_runs', 'start_peaks'}
 FAST_TESTS = set()  # node ids
 
 
@@ -178,8 +177,8 @@ def prepared_data():
 @pytest.fixture(scope='session')
 def cpu_demo(tmp_path_factory):
     """(process, out_dir) of the README's first command after setup, ./run_deepspeed_xl.sh --cpu-demo, cut to
-    its first quarter: 175 of its 700 iterations, the schedule ending there (the whole demo's loss and time are
-    measured in docs/performance.md, not timed here)."""
+    its first quarter: 175 of its 700 iterations, the schedule ending there (the whole demo's loss and time
+    are measured in docs/performance.md, not timed here)."""
     out = tmp_path_factory.mktemp('demo') / 'out'
     cmd = [os.path.join(REPO, 'run_deepspeed_xl.sh'), '--cpu-demo', '--master_port', str(free_port()),
            f'--out_dir={out}', f'--max_iters={DEMO_ITERS}', f'--lr_decay_iters={DEMO_ITERS}']
