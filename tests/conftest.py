@@ -32,8 +32,8 @@ ZERO3_CHECKPOINTING = ['--deepspeed_config=ds_config_zero3.json', '--gradient_ch
 # The edit loop: `pytest -m fast` runs the tests that start no deepspeed launch. A test is fast unless it is
 # marked `launches` or asks for a fixture that launches; launch() refuses to run inside a fast test, so the
 # marker cannot drift from what a test does.
-LAUNCHING_FIXTURES = {'saved_run', 'saved_run_zero3', 'cpu_demo', 'unbroken_run', 'two_hosts', 'stopping_runs',
-                      'signalled', 'weights_jobs', 'offload_runs', 'start_peaks'}
+LAUNCHING_FIXTURES = {'saved_run', 'saved_run_zero3', 'cpu_demo', 'unbroken_run', 'two_hosts',
+                      'stopping_runs', 'signalled', 'weights_jobs', 'offload_runs', 'start_peaks'}
 FAST_TESTS = set()  # node ids
 
 
