@@ -4,11 +4,13 @@ import json
 import re
 import sys
 
+import pytest
 from conftest import ok, one_error, run
 
 from nanogpt_ds import data_sources
 
 
+@pytest.mark.launches  # bench.py starts the trainer's runs itself, and builds DeepSpeed's CPU Adam
 def test_bench_rows(tmp_path):
     out = tmp_path / 'bench.json'
     proc = ok(run([sys.executable, 'bench.py', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32',
