@@ -38,7 +38,7 @@ FAST_TESTS = set()  # node ids
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'launches: starts the deepspeed launcher, or bench.py\'s runs (not in -m fast)')
+    config.addinivalue_line('markers', 'launches: starts deepspeed, or bench.py\'s runs (not in -m fast)')
     config.addinivalue_line('markers', 'fast: starts no deepspeed launch (-m fast, the edit loop)')
 
 
