@@ -18,8 +18,7 @@ import sys
 import torch
 
 from nanogpt_ds import consolidate, data_sources
-from nanogpt_ds.settings import die, user_errors
-from nanogpt_ds.settings import check_values
+from nanogpt_ds.settings import check_values, die, user_errors
 
 out_dir = 'out-shakespeare-xl-deepspeed'  # the run's out_dir (a tag folder inside it works too)
 tag = ''  # e.g. 'iter_10'; empty: the tag that out_dir/latest names

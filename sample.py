@@ -35,8 +35,7 @@ from configurator import configure
 
 configure(globals())
 from nanogpt_ds import consolidate, data_sources
-from nanogpt_ds.settings import die, user_errors
-from nanogpt_ds.settings import DTYPES, check_values
+from nanogpt_ds.settings import DTYPES, check_values, die, user_errors
 from nanogpt_ds.tokenizer import load_codec, prompt_ids
 
 with user_errors():  # before a checkpoint is read
