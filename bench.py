@@ -33,9 +33,8 @@ import torch
 
 from model import GPT, PRETRAINED_SHAPES, GPTConfig, flops_per_token
 from nanogpt_ds import data_sources
-from nanogpt_ds.settings import die, user_errors
 from nanogpt_ds.perf import PHASES, PhaseTimer, gpu_peak_flops, matmul_flops, model_gemms
-from nanogpt_ds.settings import DTYPES, check_values, heads_problem
+from nanogpt_ds.settings import DTYPES, check_values, die, heads_problem, user_errors
 
 LEVERS = {  # name -> (its row's suffix, the trainer's arguments for it)
     'no_phase_timers': ('no phase timers', ('--time_phases=False',)),  # what time_phases costs

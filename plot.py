@@ -18,12 +18,11 @@ if args and not args[0].startswith('--'):  # `plot.py OUT_DIR`: a folder, not a 
     out_dir = args.pop(0)
 configure(globals(), args)
 from nanogpt_ds.loss_plot import plot_run
-from nanogpt_ds.settings import check_values
+from nanogpt_ds.settings import check_values, die
 
 try:
     check_values(globals(), named=('out_dir',))
     path = plot_run(out_dir)
 except ValueError as e:
-    from nanogpt_ds.settings import die
     die(str(e))
 print(f'wrote {path}')
